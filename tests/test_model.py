@@ -1,0 +1,289 @@
+"""Semantics of tfjax.model: masks, packing, the decode cache, attention, sizes and dtypes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from tfjax import model as M
+
+PAD = 0
+BOS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny post-LN model and its parameters, shared by the tests in this module."""
+    cfg = M.preset("tiny")
+    model = M.Transformer(cfg)
+    src = jnp.ones((1, 8), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), src, src)["params"])
+    return cfg, model, params
+
+
+@pytest.fixture(scope="module")
+def forward(tiny):
+    cfg, model, params = tiny
+    return jax.jit(lambda *args: model.apply({"params": params}, *args))
+
+
+def _tokens(rng, shape, vocab=64):
+    return jnp.asarray(rng.integers(4, vocab, size=shape), jnp.int32)
+
+
+def test_causality(forward):
+    rng = np.random.default_rng(0)
+    src, tgt = _tokens(rng, (2, 7)), _tokens(rng, (2, 9))
+    base = forward(src, tgt)
+    for t in (1, 4, 8):
+        changed = forward(src, tgt.at[:, t].set((tgt[:, t] + 1) % 60 + 4))
+        np.testing.assert_array_equal(base[:, :t], changed[:, :t])
+        assert np.abs(base[:, t:] - changed[:, t:]).max() > 1e-3  # the change is seen later
+
+
+def test_source_padding_is_invisible(tiny, forward):
+    cfg, model, params = tiny
+    rng = np.random.default_rng(1)
+    src, tgt = _tokens(rng, (1, 6)), _tokens(rng, (1, 5))
+    padded = jnp.pad(src, ((0, 0), (0, 5)), constant_values=PAD)
+    np.testing.assert_allclose(forward(src, tgt), forward(padded, tgt), atol=1e-6)
+    encode = jax.jit(lambda s: model.apply({"params": params}, s, method=model.encode))
+    np.testing.assert_allclose(encode(src), encode(padded)[:, :6], atol=1e-6)
+
+
+def test_packed_rows_equal_separate_pairs(tiny, forward):
+    cfg, model, params = tiny
+    rng = np.random.default_rng(2)
+    (s1, t1), (s2, t2) = [(_tokens(rng, (1, n)), _tokens(rng, (1, m))) for n, m in ((5, 4), (3, 6))]
+    src = jnp.concatenate([s1, s2, jnp.zeros((1, 2), jnp.int32)], axis=1)  # [1, 10]
+    tgt = jnp.concatenate([t1, t2, jnp.zeros((1, 3), jnp.int32)], axis=1)  # [1, 13]
+    src_seg = jnp.array([[1] * 5 + [2] * 3 + [0] * 2])
+    src_pos = jnp.array([list(range(5)) + list(range(3)) + [0, 0]])
+    tgt_seg = jnp.array([[1] * 4 + [2] * 6 + [0] * 3])
+    tgt_pos = jnp.array([list(range(4)) + list(range(6)) + [0] * 3])
+    packed = jax.jit(model.apply)({"params": params}, src, tgt, src_seg, src_pos, tgt_seg, tgt_pos)
+    np.testing.assert_allclose(packed[:, :4], forward(s1, t1), atol=1e-5)
+    np.testing.assert_allclose(packed[:, 4:10], forward(s2, t2), atol=1e-5)
+
+
+def _decode_stepwise(model, params, src, tgt, beams=1, max_len=None):
+    """Logits [rows, T, V] from the cache, one token at a time; rows = sentences * beams."""
+    rows, length = tgt.shape
+
+    @jax.jit
+    def init_cache(src):
+        enc = model.apply({"params": params}, src, method=model.encode)
+        return model.apply(
+            {"params": params}, enc, src, rows, max_len or length,
+            method=model.init_cache, mutable=["cache"],
+        )[1]  # fmt: skip
+
+    state = init_cache(src)
+    step = jax.jit(
+        lambda cache, ids: model.apply(
+            {"params": params, "cache": cache}, ids, method=model.decode_step, mutable=["cache"]
+        )
+    )
+    cache, out = state["cache"], []
+    for t in range(length):
+        logits, state = step(cache, tgt[:, t : t + 1])
+        cache = state["cache"]
+        out.append(logits)
+    return jnp.stack(out, axis=1), cache
+
+
+def test_cache_reproduces_teacher_forcing(tiny, forward):
+    cfg, model, params = tiny
+    rng = np.random.default_rng(3)
+    src = _tokens(rng, (2, 7)).at[1, 5:].set(PAD)
+    tgt = _tokens(rng, (2, 6)).at[:, 0].set(BOS)
+    stepwise, _ = _decode_stepwise(model, params, src, tgt, max_len=10)
+    assert float(jnp.abs(stepwise - forward(src, tgt)).max()) <= 1e-5
+
+
+def test_beams_share_one_copy_of_cross_attention_keys(tiny, forward):
+    """Rows b*beams..b*beams+beams-1 decode sentence b against one stored key/value set."""
+    cfg, model, params = tiny
+    rng = np.random.default_rng(4)
+    beams = 3
+    src = _tokens(rng, (2, 7)).at[0, 4:].set(PAD)
+    tgt = _tokens(rng, (2 * beams, 5)).at[:, 0].set(BOS)
+    stepwise, cache = _decode_stepwise(model, params, src, tgt, beams=beams)
+    full = forward(jnp.repeat(src, beams, axis=0), tgt)
+    assert float(jnp.abs(stepwise - full).max()) <= 1e-5
+    layer = cache["decoder"]["layer_0"]
+    assert layer["cross_attention"]["cached_key"].shape == (2, 7, cfg.num_heads, cfg.kv_dim)
+    assert layer["self_attention"]["cached_key"].shape == (2 * beams, 5, cfg.num_heads, cfg.kv_dim)
+
+
+def _np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_attention_matches_numpy_reference():
+    cfg = M.preset("tiny")
+    attention = M.Attention(cfg)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 5, cfg.d_model)).astype(np.float32)
+    mask = np.ones((2, 1, 5, 5), bool)
+    mask[1, ..., 3:] = False  # the second row's last two keys are padding
+    params = nn.unbox(attention.init(jax.random.key(1), x, None, mask, deterministic=True))
+    params = jax.tree_util.tree_map(  # non-zero biases, so they are checked too
+        lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params["params"]
+    )
+    out = attention.apply({"params": params}, x, None, mask, deterministic=True)
+
+    def proj(name):  # [B, T, D] -> [B, H, T, K]
+        p = params[name]
+        y = np.einsum("btd,dhk->bhtk", x, p["kernel"]) + p["bias"][None, :, None, :]
+        return y
+
+    q, k, v = proj("query"), proj("key"), proj("value")
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(cfg.kv_dim)  # [B, H, T, T]
+    scores = np.where(mask, scores, -np.inf)
+    heads = _np_softmax(scores) @ v  # [B, H, T, K]
+    expected = np.einsum("bhtk,hkd->btd", heads, params["out"]["kernel"]) + params["out"]["bias"]
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def _param_count(cfg: M.TransformerConfig) -> int:
+    """Shared embedding + encoder + decoder layers, with biases; tied output, post-LN."""
+    d, f = cfg.d_model, cfg.d_ff
+    attention = 4 * (d * d + d)  # query, key, value, output projections with biases
+    ffn = d * f + f + f * d + d
+    norm = 2 * d
+    encoder = cfg.num_layers * (attention + ffn + 2 * norm)
+    decoder = cfg.decoder_layers * (2 * attention + ffn + 3 * norm)
+    return cfg.vocab_size * d + encoder + decoder
+
+
+@pytest.mark.parametrize("vocab", [32000, 37000])
+def test_base_parameter_count(vocab):
+    cfg = M.preset("base", vocab_size=vocab)
+    shapes = jax.eval_shape(
+        M.Transformer(cfg).init,
+        jax.random.key(0),
+        jnp.ones((1, 4), jnp.int32),
+        jnp.ones((1, 4), jnp.int32),
+    )
+    count = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(shapes["params"])))
+    assert count == _param_count(cfg)
+    if vocab == 37000:  # the paper's shared vocabulary; Table 3 rounds this to 65M
+        assert count == 63_082_496
+
+
+def test_every_parameter_has_logical_axis_names():
+    cfg = M.preset(
+        "tiny",
+        share_embeddings=False,
+        tie_output=False,
+        output_bias=True,
+        positions="learned",
+        pre_norm=True,
+    )
+    src = jnp.ones((1, 4), jnp.int32)
+    boxed = M.Transformer(cfg).init(jax.random.key(0), src, src)["params"]
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(leaf, nn.Partitioned) for leaf in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= {
+            M.VOCAB,
+            M.EMBED,
+            M.HEADS,
+            M.KV,
+            M.MLP,
+            M.LENGTH,
+        }
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(pre_norm=True, activation="gelu", positions="learned"),
+        dict(share_embeddings=False, target_vocab_size=48, tie_output=False, output_bias=True),
+        dict(
+            positions="sinusoidal_half", activation="swish", scale_embeddings=False, use_bias=False
+        ),
+    ],
+)
+def test_variants_keep_cache_equal_to_teacher_forcing(overrides):
+    cfg = M.preset("tiny", **overrides)
+    model = M.Transformer(cfg)
+    rng = np.random.default_rng(6)
+    src = _tokens(rng, (2, 6), vocab=48).at[0, 4:].set(PAD)
+    tgt = _tokens(rng, (2, 5), vocab=48).at[:, 0].set(BOS)
+    params = nn.unbox(model.init(jax.random.key(2), src, tgt)["params"])
+    full = jax.jit(model.apply)({"params": params}, src, tgt)
+    assert full.shape == (2, 5, cfg.target_vocab)
+    stepwise, _ = _decode_stepwise(model, params, src, tgt)
+    assert float(jnp.abs(stepwise - full).max()) <= 1e-5
+
+
+def test_sinusoids_follow_the_paper():
+    table = M.sinusoids(50, 16)
+    pos, i = 37, 3
+    assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / 16)), abs=1e-6)
+    assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / 16)), abs=1e-6)
+    half = M.sinusoids(50, 16, half=True)
+    np.testing.assert_allclose(half[:, :8], table[:, 0::2])
+    np.testing.assert_allclose(half[:, 8:], table[:, 1::2])
+
+
+def test_bf16_compute_stays_close_to_fp32(tiny):
+    cfg, _, params = tiny
+    rng = np.random.default_rng(7)
+    src, tgt = _tokens(rng, (4, 9)), _tokens(rng, (4, 8))
+    fp32 = jax.jit(M.Transformer(cfg).apply)({"params": params}, src, tgt)
+    bf16_model = M.Transformer(dataclasses.replace(cfg, dtype=jnp.bfloat16))
+    bf16 = jax.jit(bf16_model.apply)({"params": params}, src, tgt)
+    assert bf16.dtype == jnp.float32  # logits accumulate in float32 whatever the compute dtype
+    p32, p16 = jax.nn.softmax(fp32), jax.nn.softmax(bf16)
+    # bf16 keeps 8 significant bits; on this tiny model the probabilities move by < 0.02.
+    assert float(jnp.abs(p32 - p16).max()) < 0.02
+    assert float(jnp.mean(jnp.argmax(fp32, -1) == jnp.argmax(bf16, -1))) > 0.9
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    cfg = M.preset(
+        "tiny", dropout_rate=0.3, attention_dropout_rate=0.3, activation_dropout_rate=0.3
+    )
+    model = M.Transformer(cfg)
+    rng = np.random.default_rng(8)
+    src, tgt = _tokens(rng, (2, 6)), _tokens(rng, (2, 5))
+    params = nn.unbox(model.init(jax.random.key(0), src, tgt)["params"])
+    apply = jax.jit(
+        lambda key: model.apply(
+            {"params": params}, src, tgt, deterministic=False, rngs={"dropout": jax.random.key(key)}
+        )
+    )
+    assert float(jnp.abs(apply(0) - apply(1)).max()) > 1e-3
+    np.testing.assert_array_equal(apply(3), apply(3))
+    evaluate = jax.jit(model.apply)
+    np.testing.assert_array_equal(
+        evaluate({"params": params}, src, tgt), evaluate({"params": params}, src, tgt)
+    )
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(activation="tanh"), "activation"),
+        (dict(positions="rotary"), "positions"),
+        (dict(d_model=30, num_heads=4), "divisible"),
+        (dict(share_embeddings=True, target_vocab_size=10), "share_embeddings"),
+    ],
+)
+def test_bad_config_is_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        M.preset("tiny", **bad)
+
+
+def test_too_long_input_is_refused(tiny):
+    cfg, model, params = tiny
+    long = jnp.ones((1, cfg.max_len + 1), jnp.int32)
+    with pytest.raises(ValueError, match="max_len"):
+        model.apply({"params": params}, long, long[:, :4])

@@ -1,0 +1,1 @@
+"""tfjax: the Transformer of "Attention Is All You Need" in JAX / Flax Linen."""

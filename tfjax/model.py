@@ -1,0 +1,620 @@
+"""The Transformer's Linen modules: config, embeddings, attention with a decode cache, layers.
+
+Dimension letters used in shapes and einsums throughout:
+  B batch (rows; in beam search B = sentences * beams), S source length, T target length,
+  L max decode length, D d_model, H heads, K head_dim, F d_ff, V vocabulary.
+
+Decode mode (`decode=True`) keeps, per decoder layer, a self-attention cache of keys and values
+`[B, L, H, K]` and the encoder–decoder keys and values `[sentences, S, H, K]`, projected once
+per source sentence. Queries of several beams of one sentence are folded into the query axis
+when they meet those keys, so beams never copy them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+# Logical axis names, shared by parameters and activations; a mesh's rules map them to devices.
+BATCH = "batch"
+LENGTH = "length"
+EMBED = "embed"
+HEADS = "heads"
+KV = "kv"
+MLP = "mlp"
+VOCAB = "vocab"
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "swish": nn.swish,
+}
+POSITIONS = ("sinusoidal", "sinusoidal_half", "learned")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Every size and switch of the model; frozen so it can be a static jit argument."""
+
+    vocab_size: int = 32000  # source vocabulary (the joint one when embeddings are shared)
+    target_vocab_size: int | None = None  # None: the same size as vocab_size
+    share_embeddings: bool = True  # one table for source and target tokens
+    tie_output: bool = True  # logits use the target embedding table, transposed
+    output_bias: bool = False  # a learned bias added to the logits (Marian has one)
+    scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model), as the paper
+    pad_id: int = 0  # source padding id; masked out of every attention over the source
+    d_model: int = 512  # width of every residual stream
+    num_heads: int = 8  # attention heads
+    head_dim: int | None = None  # None: d_model // num_heads
+    d_ff: int = 2048  # inner width of the position-wise feed-forward
+    num_layers: int = 6  # encoder layers
+    num_decoder_layers: int | None = None  # None: num_layers
+    activation: str = "relu"  # feed-forward nonlinearity, a key of ACTIVATIONS
+    pre_norm: bool = False  # False: post-LN (the paper); True: pre-LN plus a final LayerNorm
+    layer_norm_epsilon: float = 1e-6  # LayerNorm's variance floor (torch's default is 1e-5)
+    use_bias: bool = True  # biases in attention projections and the feed-forward
+    positions: str = "sinusoidal"  # "sinusoidal" (interleaved), "sinusoidal_half", "learned"
+    max_len: int = 512  # longest source or target a position table covers
+    dropout_rate: float = 0.1  # on embeddings and on every sublayer output
+    attention_dropout_rate: float = 0.0  # on attention probabilities
+    activation_dropout_rate: float = 0.0  # inside the feed-forward, after the activation
+    dtype: Any = jnp.float32  # compute dtype (e.g. jnp.bfloat16)
+    param_dtype: Any = jnp.float32  # storage dtype of the parameters
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}; expected one of {list(ACTIVATIONS)}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r}; expected one of {POSITIONS}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.share_embeddings and self.target_vocab_size not in (None, self.vocab_size):
+            raise ValueError("share_embeddings needs target_vocab_size == vocab_size (or None)")
+
+    @property
+    def target_vocab(self) -> int:
+        return self.target_vocab_size or self.vocab_size
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's Table 3 rows.
+    "base": dict(d_model=512, d_ff=2048, num_heads=8, num_layers=6, dropout_rate=0.1),
+    "big": dict(d_model=1024, d_ff=4096, num_heads=16, num_layers=6, dropout_rate=0.3),
+    # Small enough that a test compiles and runs in about a second.
+    "tiny": dict(
+        vocab_size=64, d_model=32, d_ff=64, num_heads=4, num_layers=2, max_len=64, dropout_rate=0.0
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> TransformerConfig:
+    """A `TransformerConfig` from one of PRESETS ("base", "big", "tiny") plus overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {list(PRESETS)}")
+    return TransformerConfig(**{**PRESETS[name], **overrides})
+
+
+def sinusoids(length: int, dim: int, half: bool = False) -> np.ndarray:
+    """Sinusoidal position table [length, dim].
+
+    The paper's form interleaves: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same).
+    `half=True` puts all the sines first and all the cosines after, as Marian does.
+    """
+    pos = np.arange(length, dtype=np.float64)[:, None]  # [length, 1]
+    inv_freq = 1.0 / 10000 ** (2 * np.arange((dim + 1) // 2) / dim)  # [ceil(dim / 2)]
+    angles = pos * inv_freq  # [length, ceil(dim / 2)]
+    sin, cos = np.sin(angles), np.cos(angles)[:, : dim // 2]
+    if half:
+        return np.concatenate([sin, cos], axis=1).astype(np.float32)
+    table = np.zeros((length, dim))
+    table[:, 0::2], table[:, 1::2] = sin, cos
+    return table.astype(np.float32)
+
+
+def _dense(features: Any, names: tuple[str, ...], cfg: TransformerConfig, **kw: Any) -> nn.Module:
+    """A DenseGeneral whose kernel and bias carry logical axis names `names` (kernel's)."""
+    return nn.DenseGeneral(
+        features,
+        use_bias=cfg.use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-np.size(features) :]),
+        **kw,
+    )
+
+
+def _layer_norm(cfg: TransformerConfig, name: str) -> nn.Module:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_epsilon,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
+        name=name,
+    )
+
+
+def _embed(num: int, cfg: TransformerConfig) -> nn.Embed:
+    # stddev d_model^-0.5: after sqrt(d_model) scaling the inputs have unit variance, and tied
+    # logits start near unit variance too.
+    init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
+    return nn.Embed(
+        num,
+        cfg.d_model,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(init, (VOCAB, EMBED)),
+    )
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Activation sharding hint; a no-op unless logical axis rules and a mesh are set."""
+    return nn.with_logical_constraint(x, names)
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product attention; self- or encoder–decoder, with a decode cache."""
+
+    config: TransformerConfig
+    cross: bool = False  # encoder–decoder attention: keys and values come from the encoder
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        memory: jax.Array | None,
+        mask: jax.Array | None,
+        *,
+        deterministic: bool,
+        decode: bool = False,
+        decode_index: jax.Array | None = None,
+    ) -> jax.Array:
+        """Attend from queries `x` [B, T, D] to `memory` [B', S, D] (self: memory is x).
+
+        Args:
+          x: [B, T, D] query inputs.
+          memory: [B', S, D] encoder outputs for cross-attention, where B = B' * beams; None
+            for self-attention, or for cross-attention once the decode cache holds its keys.
+          mask: bool, broadcastable to [B', 1, T * beams, S] (cross) or [B, 1, T, S] (self);
+            True where attention is allowed. Decode steps build their own self-attention mask.
+          deterministic: disables dropout.
+          decode: use and update the "cache" collection.
+          decode_index: int32 [] position of the current token (decode steps of self-attention).
+        Returns:
+          [B, T, D].
+        """
+        cfg = self.config
+        proj = functools.partial(_dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
+        q = _constrain(proj(name="query")(x), (BATCH, LENGTH, HEADS, KV))  # [B, T, H, K]
+        if self.cross:
+            k, v = self._cross_keys_values(memory, decode)  # [B', S, H, K] each
+        else:
+            k = proj(name="key")(x)  # [B, T, H, K]
+            v = proj(name="value")(x)
+            if decode:
+                k, v, mask = self._update_cache(k, v, mask, decode_index)  # [B, L, H, K]
+        k = _constrain(k, (BATCH, LENGTH, HEADS, KV))
+        v = _constrain(v, (BATCH, LENGTH, HEADS, KV))
+
+        rows, length = q.shape[:2]
+        groups = rows // k.shape[0]  # beams per sentence; 1 outside beam search
+        q = q.reshape(k.shape[0], groups * length, *q.shape[2:])  # [B', beams * T, H, K]
+        out = self._attend(q, k, v, mask, deterministic)
+        out = out.reshape(rows, length, *out.shape[2:])  # [B' * beams, T, H, K] = [B, T, H, K]
+        dense_out = _dense(cfg.d_model, (HEADS, KV, EMBED), cfg, axis=(-2, -1), name="out")
+        return _constrain(dense_out(out), (BATCH, LENGTH, EMBED))  # [B, T, D]
+
+    def _cross_keys_values(self, memory: jax.Array | None, decode: bool) -> tuple[jax.Array, ...]:
+        """Keys and values [B', S, H, K] of the encoder output, computed once when decoding."""
+        cfg = self.config
+        proj = functools.partial(_dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
+        if decode and self.has_variable("cache", "cached_key"):
+            return self.get_variable("cache", "cached_key"), self.get_variable(
+                "cache", "cached_value"
+            )
+        if memory is None:
+            raise ValueError("cross-attention needs the encoder output before its cache is filled")
+        k, v = proj(name="key")(memory), proj(name="value")(memory)
+        if decode:
+            self.put_variable("cache", "cached_key", k)
+            self.put_variable("cache", "cached_value", v)
+        return k, v
+
+    def _update_cache(
+        self, k: jax.Array, v: jax.Array, mask: jax.Array | None, index: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """Self-attention decode cache.
+
+        The first call (cache absent) sees the full-length dummy target [B, L, ...]: it creates
+        zero caches of that shape and attends normally, so under jit only the cache survives.
+        Later calls see one token [B, 1, ...], write it at `index` and attend to positions
+        <= index. Returns keys, values [B, L, H, K] and the mask to use.
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        if not initialized:
+            return k, v, mask
+        if k.shape[1] != 1:
+            raise ValueError(f"decode steps take one token per row, got length {k.shape[1]}")
+        start = (0, index, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, start)
+        max_len = cached_key.value.shape[1]
+        step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, L]
+        return cached_key.value, cached_value.value, step_mask
+
+    def _attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, deterministic: bool
+    ) -> jax.Array:
+        """softmax(q k^T / sqrt(K)) v with `mask`; [B, T, H, K] x [B, S, H, K] -> [B, T, H, K]."""
+        cfg = self.config
+        if cfg.attention_dropout_rate > 0 and not deterministic:
+            # jax.nn.dot_product_attention has no dropout; flax's reference implementation does.
+            return nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                dropout_rng=self.make_rng("dropout"),
+                dropout_rate=cfg.attention_dropout_rate,
+                deterministic=False,
+                dtype=cfg.dtype,
+            )
+        # Picks fused kernels where the platform has them (cuDNN flash attention on GPU).
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: Dense(d_ff) -> activation -> dropout -> Dense(d_model)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        """[B, T, D] -> [B, T, D]."""
+        cfg = self.config
+        h = _dense(cfg.d_ff, (EMBED, MLP), cfg, name="wi")(x)  # [B, T, F]
+        h = _constrain(ACTIVATIONS[cfg.activation](h), (BATCH, LENGTH, MLP))
+        h = nn.Dropout(cfg.activation_dropout_rate)(h, deterministic=deterministic)
+        return _dense(cfg.d_model, (MLP, EMBED), cfg, name="wo")(h)  # [B, T, D]
+
+
+def _residual(
+    cfg: TransformerConfig,
+    x: jax.Array,
+    sublayer: Callable[[jax.Array], jax.Array],
+    norm_name: str,
+    deterministic: bool,
+) -> jax.Array:
+    """[B, T, D] -> [B, T, D]: post-LN LN(x + dropout(f(x))), or pre-LN x + dropout(f(LN(x))).
+
+    Called inside a compact module, so the LayerNorm and Dropout it makes belong to that module.
+    """
+    norm = _layer_norm(cfg, norm_name)
+    y = sublayer(norm(x) if cfg.pre_norm else x)
+    y = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    return _constrain(y if cfg.pre_norm else norm(y), (BATCH, LENGTH, EMBED))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each inside `_residual`."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+        """x [B, S, D], mask [B, 1, S, S] -> [B, S, D]."""
+        cfg = self.config
+        residual = functools.partial(_residual, cfg, deterministic=deterministic)
+        attention = Attention(cfg, name="self_attention")
+        x = residual(x, lambda h: attention(h, None, mask, deterministic=deterministic),
+                     "self_attention_norm")  # fmt: skip
+        mlp = FeedForward(cfg, name="mlp")
+        return residual(x, lambda h: mlp(h, deterministic=deterministic), "mlp_norm")
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, encoder–decoder attention, feed-forward; each inside `_residual`."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        y: jax.Array,
+        memory: jax.Array | None,
+        self_mask: jax.Array | None,
+        cross_mask: jax.Array | None,
+        *,
+        deterministic: bool,
+        decode: bool = False,
+        decode_index: jax.Array | None = None,
+    ) -> jax.Array:
+        """y [B, T, D], memory [B', S, D] -> [B, T, D]; masks as in `Attention`."""
+        cfg = self.config
+        residual = functools.partial(_residual, cfg, deterministic=deterministic)
+        kw = dict(deterministic=deterministic, decode=decode)
+        self_attention = Attention(cfg, name="self_attention")
+        y = residual(
+            y,
+            lambda h: self_attention(h, None, self_mask, decode_index=decode_index, **kw),
+            "self_attention_norm",
+        )
+        cross_attention = Attention(cfg, cross=True, name="cross_attention")
+        y = residual(
+            y, lambda h: cross_attention(h, memory, cross_mask, **kw), "cross_attention_norm"
+        )
+        mlp = FeedForward(cfg, name="mlp")
+        return residual(y, lambda h: mlp(h, deterministic=deterministic), "mlp_norm")
+
+
+class Embedder(nn.Module):
+    """Token embedding (optionally scaled by sqrt(d_model)) plus positions, then dropout."""
+
+    config: TransformerConfig
+    embed: nn.Embed
+
+    @nn.compact
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool
+    ) -> jax.Array:
+        """tokens [B, T] int, positions [B or 1, T] int -> [B, T, D]."""
+        cfg = self.config
+        if tokens.shape[1] > cfg.max_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len={cfg.max_len}")
+        x = self.embed(tokens)  # [B, T, D]
+        if cfg.scale_embeddings:
+            x = x * jnp.sqrt(cfg.d_model).astype(cfg.dtype)
+        if cfg.positions == "learned":
+            table = self.param(
+                "position_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (LENGTH, EMBED)),
+                (cfg.max_len, cfg.d_model),
+                cfg.param_dtype,
+            )
+        else:
+            table = sinusoids(cfg.max_len, cfg.d_model, half=cfg.positions == "sinusoidal_half")
+        x = x + jnp.asarray(table, cfg.dtype)[positions]  # [B, T, D]
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        return _constrain(x, (BATCH, LENGTH, EMBED))
+
+
+def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """Given per-segment positions [B, T], or 0..T-1 as [1, T]."""
+    return jnp.arange(tokens.shape[1])[None] if positions is None else positions
+
+
+def _segment_mask(q_segments: jax.Array | None, k_segments: jax.Array | None) -> jax.Array | None:
+    """[B, Tq], [B, Tk] -> bool [B, 1, Tq, Tk]: queries only see keys of their own segment."""
+    if q_segments is None:
+        return None
+    return (q_segments[:, :, None] == k_segments[:, None, :])[:, None]
+
+
+def _and(*masks: jax.Array | None) -> jax.Array | None:
+    present = [m for m in masks if m is not None]
+    return functools.reduce(jnp.logical_and, present) if present else None
+
+
+class Encoder(nn.Module):
+    """Embedding plus num_layers EncoderLayers (plus a final LayerNorm when pre-LN)."""
+
+    config: TransformerConfig
+    embed: nn.Embed
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        deterministic: bool,
+    ) -> jax.Array:
+        """inputs [B, S] int -> [B, S, D]; packed rows pass segment_ids and positions [B, S]."""
+        cfg = self.config
+        x = Embedder(cfg, self.embed, name="embedder")(
+            inputs, _positions(inputs, positions), deterministic=deterministic
+        )
+        keep = (inputs != cfg.pad_id)[:, None, None, :]  # [B, 1, 1, S]
+        mask = _and(keep, _segment_mask(segment_ids, segment_ids))  # [B, 1, S, S]
+        for i in range(cfg.num_layers):
+            x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, deterministic=deterministic)
+        return _layer_norm(cfg, "final_norm")(x) if cfg.pre_norm else x
+
+
+class Decoder(nn.Module):
+    """Embedding, decoder layers (plus a final LayerNorm when pre-LN), and the output logits."""
+
+    config: TransformerConfig
+    embed: nn.Embed
+
+    @nn.compact
+    def __call__(
+        self,
+        encoded: jax.Array | None,
+        inputs: jax.Array | None,
+        decoder_inputs: jax.Array,
+        *,
+        inputs_segment_ids: jax.Array | None = None,
+        targets_segment_ids: jax.Array | None = None,
+        targets_positions: jax.Array | None = None,
+        deterministic: bool,
+        decode: bool = False,
+    ) -> jax.Array:
+        """Logits [B, T, V] (float32) of the next token at every target position.
+
+        Args:
+          encoded: [B', S, D] encoder output (B = B' * beams); None on decode steps.
+          inputs: [B', S] source ids, for the source padding mask; None on decode steps.
+          decoder_inputs: [B, T] target ids shifted right (bos first); [B, 1] on decode steps.
+          inputs_segment_ids, targets_segment_ids, targets_positions: [B, S], [B, T], [B, T]
+            for packed rows.
+          deterministic: disables dropout.
+          decode: cache mode; see the module docstring and `Transformer.init_cache`.
+        """
+        cfg = self.config
+        positions = _positions(decoder_inputs, targets_positions)
+        self_mask = nn.make_causal_mask(decoder_inputs, dtype=jnp.bool_)  # [B, 1, T, T]
+        self_mask = _and(self_mask, _segment_mask(targets_segment_ids, targets_segment_ids))
+        index = None
+        if decode:
+            positions, index, cross_mask = self._decode_state(inputs, positions)
+        else:
+            cross_mask = (inputs != cfg.pad_id)[:, None, None, :]  # [B', 1, 1, S]
+            cross_mask = _and(cross_mask, _segment_mask(targets_segment_ids, inputs_segment_ids))
+        y = Embedder(cfg, self.embed, name="embedder")(
+            decoder_inputs, positions, deterministic=deterministic
+        )
+        for i in range(cfg.decoder_layers):
+            y = DecoderLayer(cfg, name=f"layer_{i}")(
+                y, encoded, self_mask, cross_mask,
+                deterministic=deterministic, decode=decode, decode_index=index,
+            )  # fmt: skip
+        if cfg.pre_norm:
+            y = _layer_norm(cfg, "final_norm")(y)
+        return self._logits(y)
+
+    def _decode_state(
+        self, inputs: jax.Array | None, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """Decode mode's positions, step index and cross mask, kept in the "cache" collection.
+
+        The cache-filling call stores the source padding mask [B', 1, 1, S] and leaves the index
+        at 0; each step reads them and advances the index by one.
+        """
+        initialized = self.has_variable("cache", "index")
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            keep = (inputs != self.config.pad_id)[:, None, None, :]
+            self.variable("cache", "source_mask", lambda: keep)
+            return positions, None, keep
+        step = index.value
+        index.value = step + 1
+        return jnp.full((1, 1), step), step, self.get_variable("cache", "source_mask")
+
+    def _logits(self, y: jax.Array) -> jax.Array:
+        """[B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""
+        cfg = self.config
+        if cfg.tie_output:
+            kernel = self.embed.embedding.T  # [D, V]
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (EMBED, VOCAB))
+            kernel = self.param(
+                "logits_kernel", init, (cfg.d_model, cfg.target_vocab), cfg.param_dtype
+            )
+        logits = jnp.einsum(
+            "BTD,DV->BTV", y, kernel.astype(cfg.dtype), preferred_element_type=jnp.float32
+        )
+        if cfg.output_bias:
+            init = nn.with_logical_partitioning(nn.initializers.zeros, (VOCAB,))
+            logits = logits + self.param("logits_bias", init, (cfg.target_vocab,), cfg.param_dtype)
+        return _constrain(logits, (BATCH, LENGTH, VOCAB))
+
+
+class Transformer(nn.Module):
+    """The encoder–decoder Transformer of "Attention Is All You Need"."""
+
+    config: TransformerConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        # Names come from the attributes: setup() takes no name= arguments.
+        if cfg.share_embeddings:
+            self.shared_embedding = _embed(cfg.vocab_size, cfg)
+            source = target = self.shared_embedding
+        else:
+            self.source_embedding = _embed(cfg.vocab_size, cfg)
+            self.target_embedding = _embed(cfg.target_vocab, cfg)
+            source, target = self.source_embedding, self.target_embedding
+        self.encoder = Encoder(cfg, source)
+        self.decoder = Decoder(cfg, target)
+
+    def encode(
+        self,
+        inputs: jax.Array,
+        inputs_segment_ids: jax.Array | None = None,
+        inputs_positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Source ids [B, S] -> encoder output [B, S, D]."""
+        return self.encoder(
+            inputs, inputs_segment_ids, inputs_positions, deterministic=deterministic
+        )
+
+    def decode(
+        self,
+        encoded: jax.Array | None,
+        inputs: jax.Array | None,
+        decoder_inputs: jax.Array,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+        **segments: jax.Array | None,
+    ) -> jax.Array:
+        """Logits [B, T, V]; see `Decoder.__call__` for the arguments."""
+        return self.decoder(
+            encoded, inputs, decoder_inputs, deterministic=deterministic, decode=decode, **segments
+        )
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        decoder_inputs: jax.Array,
+        inputs_segment_ids: jax.Array | None = None,
+        inputs_positions: jax.Array | None = None,
+        targets_segment_ids: jax.Array | None = None,
+        targets_positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Teacher-forced float32 logits [B, T, V] from source [B, S] and decoder inputs [B, T]."""
+        encoded = self.encode(
+            inputs, inputs_segment_ids, inputs_positions, deterministic=deterministic
+        )
+        return self.decode(
+            encoded,
+            inputs,
+            decoder_inputs,
+            deterministic=deterministic,
+            inputs_segment_ids=inputs_segment_ids,
+            targets_segment_ids=targets_segment_ids,
+            targets_positions=targets_positions,
+        )
+
+    def init_cache(
+        self, encoded: jax.Array, inputs: jax.Array, num_rows: int, max_len: int
+    ) -> None:
+        """Fill the "cache" collection for decoding up to `max_len` tokens in `num_rows` rows.
+
+        encoded [B', S, D] and inputs [B', S] are per sentence; num_rows = B' * beams. Apply
+        with `mutable=["cache"]` and keep only the cache: the logits of the dummy target are
+        dead code that jit removes.
+        """
+        dummy = jnp.zeros((num_rows, max_len), jnp.int32)  # [B, L]
+        self.decode(encoded, inputs, dummy, decode=True)
+
+    def decode_step(self, ids: jax.Array) -> jax.Array:
+        """One cached decoding step: previous tokens [B, 1] -> next-token logits [B, V]."""
+        return self.decode(None, None, ids, decode=True)[:, 0]  # [B, 1, V] -> [B, V]
