@@ -129,17 +129,36 @@ def sinusoids(length: int, dim: int, half: bool = False) -> np.ndarray:
     return table.astype(np.float32)
 
 
-def _dense(features: Any, names: tuple[str, ...], cfg: TransformerConfig, **kw: Any) -> nn.Module:
-    """A DenseGeneral whose kernel and bias carry logical axis names `names` (kernel's)."""
-    return nn.DenseGeneral(
-        features,
-        use_bias=cfg.use_bias,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-np.size(features) :]),
-        **kw,
-    )
+class Dense(nn.Module):
+    """x [..., *in] @ kernel [*in, *features] (+ bias [*features]), with logical axis names.
+
+    Written out rather than nn.DenseGeneral, which initialises a flattened kernel and so cannot
+    carry one logical name per axis of a [D, H, K] projection once a mesh is active.
+    """
+
+    features: tuple[int, ...]  # output dims, e.g. (H, K) or (D,)
+    names: tuple[str, ...]  # logical names of the kernel's axes, input axes first
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., *in] -> [..., *features]; `in` is the trailing len(names) - len(features) dims."""
+        cfg = self.config
+        n_in = len(self.names) - len(self.features)
+        shape = (*x.shape[-n_in:], *self.features)
+        # Xavier-uniform over the whole input and output blocks of a multi-axis kernel.
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform",
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))),
+        )  # fmt: skip
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, self.names), shape, cfg.param_dtype
+        )
+        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), axes=n_in)
+        if cfg.use_bias:
+            init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[n_in:])
+            y = y + self.param("bias", init, self.features, cfg.param_dtype).astype(cfg.dtype)
+        return y
 
 
 def _layer_norm(cfg: TransformerConfig, name: str) -> nn.Module:
@@ -203,7 +222,7 @@ class Attention(nn.Module):
           [B, T, D].
         """
         cfg = self.config
-        proj = functools.partial(_dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
+        proj = functools.partial(Dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
         q = _constrain(proj(name="query")(x), (BATCH, LENGTH, HEADS, KV))  # [B, T, H, K]
         if self.cross:
             k, v = self._cross_keys_values(memory, decode)  # [B', S, H, K] each
@@ -220,13 +239,13 @@ class Attention(nn.Module):
         q = q.reshape(k.shape[0], groups * length, *q.shape[2:])  # [B', beams * T, H, K]
         out = self._attend(q, k, v, mask, deterministic)
         out = out.reshape(rows, length, *out.shape[2:])  # [B' * beams, T, H, K] = [B, T, H, K]
-        dense_out = _dense(cfg.d_model, (HEADS, KV, EMBED), cfg, axis=(-2, -1), name="out")
+        dense_out = Dense((cfg.d_model,), (HEADS, KV, EMBED), cfg, name="out")
         return _constrain(dense_out(out), (BATCH, LENGTH, EMBED))  # [B, T, D]
 
     def _cross_keys_values(self, memory: jax.Array | None, decode: bool) -> tuple[jax.Array, ...]:
         """Keys and values [B', S, H, K] of the encoder output, computed once when decoding."""
         cfg = self.config
-        proj = functools.partial(_dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
+        proj = functools.partial(Dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
         if decode and self.has_variable("cache", "cached_key"):
             return self.get_variable("cache", "cached_key"), self.get_variable(
                 "cache", "cached_value"
@@ -293,10 +312,10 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         """[B, T, D] -> [B, T, D]."""
         cfg = self.config
-        h = _dense(cfg.d_ff, (EMBED, MLP), cfg, name="wi")(x)  # [B, T, F]
+        h = Dense((cfg.d_ff,), (EMBED, MLP), cfg, name="wi")(x)  # [B, T, F]
         h = _constrain(ACTIVATIONS[cfg.activation](h), (BATCH, LENGTH, MLP))
         h = nn.Dropout(cfg.activation_dropout_rate)(h, deterministic=deterministic)
-        return _dense(cfg.d_model, (MLP, EMBED), cfg, name="wo")(h)  # [B, T, D]
+        return Dense((cfg.d_model,), (MLP, EMBED), cfg, name="wo")(h)  # [B, T, D]
 
 
 def _residual(

@@ -1,0 +1,137 @@
+"""Losses, schedule, accumulation and sharded train steps of tfjax.train_lib."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from multi_device_steps import PEAK_LR, STEPS
+
+from tfjax import sharding, train_lib
+from tfjax.model import Transformer, preset
+
+
+def _np_smoothed_ce(logits, targets, weights, ls):
+    """Cross-entropy against the smoothed one-hot, minus that target's entropy, in NumPy."""
+    vocab = logits.shape[-1]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    logp -= logits.max(-1, keepdims=True)
+    total = 0.0
+    for b, t in np.ndindex(targets.shape):
+        q = np.full(vocab, ls / (vocab - 1))
+        q[targets[b, t]] = 1 - ls
+        ce = -(q * logp[b, t]).sum()
+        entropy = -(q * np.log(np.where(q > 0, q, 1))).sum()
+        total += weights[b, t] * (ce - entropy)
+    return total
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_cross_entropy_matches_numpy(ls):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, size=(2, 5))
+    weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
+    loss, tokens = train_lib.cross_entropy(jnp.asarray(logits), targets, weights, ls)
+    assert float(tokens) == weights.sum()
+    assert float(loss) == pytest.approx(_np_smoothed_ce(logits, targets, weights, ls), rel=1e-5)
+
+
+def test_perfect_prediction_of_smoothed_target_has_zero_loss():
+    q = np.full((1, 1, 5), 0.1 / 4)
+    q[0, 0, 2] = 0.9
+    loss, _ = train_lib.cross_entropy(
+        jnp.log(jnp.asarray(q)), jnp.array([[2]]), jnp.ones((1, 1)), 0.1
+    )
+    assert abs(float(loss)) < 1e-6
+
+
+def test_rsqrt_schedule():
+    lr = train_lib.rsqrt_schedule(1e-3, warmup_steps=100)
+    # optax counts from 0: update n (1-based) uses count n - 1.
+    assert float(lr(0)) == pytest.approx(1e-5)
+    assert float(lr(99)) == pytest.approx(1e-3)
+    assert float(lr(399)) == pytest.approx(1e-3 * 0.5)
+
+
+def _batch(rng, rows=8, src_len=7, tgt_len=6, vocab=64):
+    """Random pairs in the data pipeline's contract, with some padding."""
+    inputs = rng.integers(4, vocab, size=(rows, src_len))
+    targets = rng.integers(4, vocab, size=(rows, tgt_len))
+    for r in range(rows):
+        inputs[r, rng.integers(3, src_len + 1) :] = 0
+        targets[r, rng.integers(2, tgt_len + 1) :] = 0
+    decoder_inputs = np.concatenate([np.full((rows, 1), 2), targets[:, :-1]], axis=1)
+    decoder_inputs[targets == 0] = 0
+    cast = lambda x: np.asarray(x, np.int32)  # noqa: E731
+    return dict(inputs=cast(inputs), targets=cast(targets), decoder_inputs=cast(decoder_inputs))
+
+
+def test_accumulation_equals_the_full_batch_gradient():
+    model = Transformer(preset("tiny"))
+    batch = _batch(np.random.default_rng(1))
+    optimizer = train_lib.make_optimizer(1e-3, 10)
+    mesh = sharding.make_mesh()
+    state, _ = train_lib.create_train_state(jax.random.key(0), model, optimizer, batch, mesh)
+    grads = {
+        accum: jax.jit(
+            lambda p, b, a=accum: train_lib._gradients(p, b, jax.random.key(1), model, 0.1, a)
+        )(state.params, batch)
+        for accum in (1, 4)
+    }
+    (g1, m1), (g4, m4) = grads[1], grads[4]
+    assert float(m1["tokens"]) == float(m4["tokens"]) == float((batch["targets"] > 0).sum())
+    diff = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), g1, g4)
+    assert max(jax.tree_util.tree_leaves(diff)) < 1e-6
+
+
+def test_training_reduces_the_loss():
+    model = Transformer(preset("tiny"))
+    rng = np.random.default_rng(2)
+    batch = _batch(rng)
+    optimizer = train_lib.make_optimizer(3e-3, 5, clip_norm=1.0)
+    mesh = sharding.make_mesh()
+    state, shardings = train_lib.create_train_state(
+        jax.random.key(0), model, optimizer, batch, mesh
+    )
+    step = train_lib.jit_train_step(model, optimizer, shardings, mesh, label_smoothing=0.0)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch, jax.random.key(3))
+        losses.append(float(metrics["loss"] / metrics["tokens"]))
+    assert int(state.step) == 30
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_mesh_shape_resolution_and_errors():
+    assert sharding.mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
+    assert sharding.mesh_shape((2, -1, 2), 8) == (2, 2, 2)
+    for bad in [(3, -1, 1), (-1, -1, 1), (2, 2, 1), (0, 1, 1), (8, 1)]:
+        with pytest.raises(ValueError, match="mesh sizes"):
+            sharding.mesh_shape(bad, 8)
+
+
+MULTI_DEVICE_SCRIPT = Path(__file__).with_name("multi_device_steps.py")
+
+
+def test_meshes_of_eight_devices_match_one_device():
+    """5 steps on data (8,1,1), fsdp (1,8,1) and mixed (2,2,2) meshes equal one device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(
+        [sys.executable, str(MULTI_DEVICE_SCRIPT)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    reference = result.pop("1,1,1")
+    for mesh, run in result.items():
+        np.testing.assert_allclose(run["losses"], reference["losses"], rtol=1e-5, err_msg=mesh)
+        assert run["param_diff"] < 1e-5, (mesh, run["param_diff"])
+        # Key biases have a zero true gradient; see max_diffs in the script.
+        assert run["key_bias_diff"] <= STEPS * PEAK_LR, (mesh, run["key_bias_diff"])
+        if mesh != "8,1,1":  # fsdp and tensor axes really split the parameters
+            assert run["sharded_leaves"] > 0, mesh

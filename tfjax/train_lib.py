@@ -1,0 +1,219 @@
+"""Train state, the learning-rate schedule, losses, and the jitted train and eval steps."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tfjax import sharding
+from tfjax.model import Transformer
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes; a pytree, so it can be donated, sharded and checkpointed."""
+
+    step: jax.Array  # int32 [], optimizer updates applied so far
+    params: Any  # the model's "params" collection
+    opt_state: Any  # optax state, sharded like the parameters it mirrors
+
+
+def rsqrt_schedule(peak: float, warmup_steps: int) -> optax.Schedule:
+    """The paper's schedule: linear warmup to `peak`, then peak * sqrt(warmup_steps / step).
+
+    The paper writes it as d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), whose peak is
+    (d_model * warmup)^-0.5: 7.0e-4 for the base model with 4,000 warmup steps.
+    """
+    warmup = max(int(warmup_steps), 1)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = jnp.maximum(count + 1, 1).astype(jnp.float32)  # optax counts from 0
+        return peak * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
+
+    return schedule
+
+
+def make_optimizer(
+    peak_lr: float, warmup_steps: int, clip_norm: float = 0.0, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """Adam(0.9, 0.98, 1e-9) on the rsqrt schedule; optional global-norm clip and weight decay."""
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+    adam = optax.adamw if weight_decay > 0 else optax.adam
+    extra = dict(weight_decay=weight_decay) if weight_decay > 0 else {}
+    parts.append(adam(rsqrt_schedule(peak_lr, warmup_steps), b1=0.9, b2=0.98, eps=1e-9, **extra))
+    return optax.chain(*parts)
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """Label-smoothed cross-entropy summed over tokens, and the number of tokens.
+
+    Args:
+      logits: float [B, T, V].
+      targets: int [B, T].
+      weights: float [B, T], 0 on padding.
+      label_smoothing: mass spread evenly over the V - 1 wrong tokens.
+    Returns:
+      (sum of weighted per-token losses, sum of weights). The entropy of the smoothed target
+      is subtracted, so a model that predicts it exactly has loss 0.
+    """
+    vocab = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low  # [B, T, V]
+    entropy = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
+    loss = optax.softmax_cross_entropy(logits, soft) - entropy  # [B, T]
+    return jnp.sum(loss * weights), jnp.sum(weights)
+
+
+def model_inputs(batch: Batch) -> dict[str, jax.Array]:
+    """The batch contract's keys -> Transformer.__call__ keyword arguments."""
+    keys = ("inputs_segment_ids", "inputs_positions", "targets_segment_ids", "targets_positions")
+    return dict(
+        inputs=batch["inputs"],
+        decoder_inputs=batch["decoder_inputs"],
+        **{k: batch[k] for k in keys if k in batch},
+    )
+
+
+def _loss_sums(
+    params: Any, batch: Batch, rng: jax.Array, model: Transformer, label_smoothing: float
+) -> tuple[jax.Array, Metrics]:
+    """Summed training loss of one micro-batch, with its metric sums."""
+    logits = model.apply(
+        {"params": params}, **model_inputs(batch), deterministic=False, rngs={"dropout": rng}
+    )
+    weights = (batch["targets"] > 0).astype(jnp.float32)  # pad id 0
+    loss, tokens = cross_entropy(logits, batch["targets"], weights, label_smoothing)
+    nll, _ = cross_entropy(logits, batch["targets"], weights, 0.0)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * weights)
+    return loss, dict(loss=loss, nll=nll, tokens=tokens, correct=correct)
+
+
+def _gradients(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    model: Transformer,
+    label_smoothing: float,
+    accum: int,
+) -> tuple[Any, Metrics]:
+    """Gradient of the token-mean loss over `accum` micro-batches, run one after another.
+
+    Sums of losses and gradients are accumulated and divided by the total token count once,
+    so the result equals the full-batch gradient whatever the split.
+    """
+    grad_fn = jax.grad(_loss_sums, has_aux=True)
+
+    def micro(carry, xs):
+        grads, metrics = carry
+        micro_batch, index = xs
+        g, m = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), model, label_smoothing)
+        add = functools.partial(jax.tree_util.tree_map, jnp.add)
+        return (add(grads, g), add(metrics, m)), None
+
+    # [accum * micro, ...] -> [accum, micro, ...]
+    split = jax.tree_util.tree_map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    metrics0 = {k: jnp.zeros((), jnp.float32) for k in ("loss", "nll", "tokens", "correct")}
+    (grads, metrics), _ = jax.lax.scan(micro, (zeros, metrics0), (split, jnp.arange(accum)))
+    scale = 1.0 / jnp.maximum(metrics["tokens"], 1.0)
+    return jax.tree_util.tree_map(lambda g: g * scale, grads), metrics
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    label_smoothing: float,
+    accum_steps: int = 1,
+    learning_rate: optax.Schedule | None = None,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update on `batch` (dict of [global_batch, length]); returns metric sums.
+
+    Dropout randomness is `fold_in(rng, step)`, so a resumed run draws the same masks.
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+    grads, metrics = _gradients(state.params, batch, step_rng, model, label_smoothing, accum_steps)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    if learning_rate is not None:
+        metrics["learning_rate"] = learning_rate(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: Transformer) -> Metrics:
+    """Sums of the unsmoothed loss, correct tokens and tokens on one batch."""
+    logits = model.apply({"params": params}, **model_inputs(batch))
+    weights = (batch["targets"] > 0).astype(jnp.float32)
+    nll, tokens = cross_entropy(logits, batch["targets"], weights, 0.0)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * weights)
+    return dict(nll=nll, tokens=tokens, correct=correct)
+
+
+def _init_state(
+    rng: jax.Array, model: Transformer, optimizer: optax.GradientTransformation, example: Batch
+) -> TrainState:
+    """A fresh state whose parameters (and optimizer moments) are still boxed with axis names."""
+    params = model.init(rng, **model_inputs(example))["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+    )
+
+
+def create_train_state(
+    rng: jax.Array,
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    example: Batch,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
+) -> tuple[TrainState, Any]:
+    """Initialise the state directly in its shards; returns (state, its NamedShardings).
+
+    `eval_shape` gives the boxed abstract state, its logical names give the shardings, and the
+    jitted init writes each shard on its device: no host ever holds the whole model.
+    """
+    init = functools.partial(_init_state, model=model, optimizer=optimizer, example=example)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        abstract = jax.eval_shape(init, rng)
+        shardings = sharding.logical_shardings(abstract, mesh, rules)
+        state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def jit_train_step(
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    state_shardings: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
+    **step_kwargs: Any,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """`train_step` jitted with the state donated and kept in `state_shardings`."""
+    step = functools.partial(train_step, model=model, optimizer=optimizer, **step_kwargs)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
+
+    def run(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        # The rules and mesh must be active while tracing, for the model's activation hints.
+        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+            return jitted(state, batch, rng)
+
+    return run
