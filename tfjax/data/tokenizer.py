@@ -1,0 +1,177 @@
+"""The sentencepiece tokenizer: fixed special ids, training on a split, save and load.
+
+Ids are fixed for every model tfjax trains: pad=0, unk=1, bos=2, eos=3; the pieces start at
+4. The vocabulary is joint (source and target sentences train one model) so that source and
+target embeddings can be shared.
+
+Round trip: decode(encode(x)) == x for text without unusual whitespace. Normalisation is
+"identity" (NFKC would turn Chinese full-width punctuation such as "，" into ASCII), and byte
+fallback spells characters outside the vocabulary as UTF-8 bytes instead of <unk>. What does
+not survive: leading, trailing and repeated spaces are collapsed to one space, as
+sentencepiece always does for its "▁" word boundary.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+from absl import logging
+from etils import epath
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3
+
+
+class Tokenizer:
+    """A sentencepiece model with tfjax's fixed special ids; picklable (for grain workers)."""
+
+    pad_id = PAD_ID
+    unk_id = UNK_ID
+    bos_id = BOS_ID
+    eos_id = EOS_ID
+
+    def __init__(self, model_proto: bytes):
+        self._proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        found = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
+        if found != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise ValueError(
+                f"sentencepiece model has pad, unk, bos, eos ids {found}; tfjax needs "
+                f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)} (train it with train_tokenizer)"
+            )
+
+    @classmethod
+    def load(cls, path: epath.PathLike) -> Tokenizer:
+        """Reads a `.model` file (local path or gs://)."""
+        return cls(epath.Path(path).read_bytes())
+
+    def save(self, path: epath.PathLike) -> None:
+        """Writes the `.model` file (local path or gs://), creating its folder."""
+        path = epath.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self._proto)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, specials included; at most the size asked for at training."""
+        return self._sp.vocab_size()
+
+    def encode(self, text: str, *, add_eos: bool = True) -> np.ndarray:
+        """Text -> ids [length] int32, ending with eos unless add_eos is False."""
+        return np.asarray(self._sp.encode(text, add_eos=add_eos), dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str], *, add_eos: bool = True) -> list[np.ndarray]:
+        """Many texts at once (faster than one by one) -> a list of ids [length_i] int32."""
+        ids = self._sp.encode(list(texts), add_eos=add_eos)
+        return [np.asarray(row, dtype=np.int32) for row in ids]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Ids [length] -> text; stops at the first eos and skips pad and bos."""
+        ids = np.asarray(ids, dtype=np.int64).tolist()
+        if EOS_ID in ids:
+            ids = ids[: ids.index(EOS_ID)]
+        return self._sp.decode([i for i in ids if i not in (PAD_ID, BOS_ID)])
+
+    def piece(self, token_id: int) -> str:
+        """The piece an id stands for, e.g. "▁Haus" (for inspection and debugging)."""
+        return self._sp.id_to_piece(token_id)
+
+    def __getstate__(self) -> bytes:
+        return self._proto
+
+    def __setstate__(self, proto: bytes) -> None:
+        self.__init__(proto)
+
+
+def train_tokenizer(
+    sentences: Iterable[str],
+    *,
+    vocab_size: int,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    max_sentences: int = 2_000_000,
+) -> Tokenizer:
+    """Trains a sentencepiece model on `sentences` (both languages, for a joint vocabulary).
+
+    vocab_size is an upper bound: a small corpus may yield fewer pieces, as the synthetic task
+    does. Sentencepiece keeps a random sample of at most `max_sentences` of them. Rare
+    characters beyond `character_coverage` are spelled as bytes (byte fallback).
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        normalization_rule_name="identity",
+        byte_fallback=True,
+        # A soft limit, so a corpus with few distinct pieces still trains.
+        hard_vocab_limit=False,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    return Tokenizer(model.getvalue())
+
+
+def _sample_sentences(source: Sequence[dict[str, str]], max_pairs: int, seed: int) -> Iterator[str]:
+    """Source and target sides of at most `max_pairs` examples of `source`, drawn at random.
+
+    Only the drawn examples are read (in batched reads where the source has them), so a large
+    training split costs no more than the sample.
+    """
+    count = min(len(source), max_pairs)
+    indices = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
+    for chunk in np.array_split(indices, max(1, count // 1024)):
+        if hasattr(source, "__getitems__"):
+            examples = source.__getitems__(chunk.tolist())
+        else:
+            examples = [source[i] for i in chunk.tolist()]
+        for example in examples:
+            yield example["source"]
+            yield example["target"]
+
+
+def load_or_train_tokenizer(
+    path: epath.PathLike,
+    train_source: Sequence[dict[str, str]],
+    *,
+    vocab_size: int,
+    model_type: str = "unigram",
+    max_pairs: int = 100_000,
+    seed: int = 0,
+) -> Tokenizer:
+    """Loads the model at `path` (e.g. `<workdir>/spm.model`), or trains and saves it there.
+
+    Training reads both sides of up to `max_pairs` random examples of `train_source` (a
+    sequence of {"source", "target"} dicts such as `TranslationData.source("train")`).
+    """
+    path = epath.Path(path)
+    if path.exists():
+        tokenizer = Tokenizer.load(path)
+        if tokenizer.vocab_size > vocab_size:
+            raise ValueError(
+                f"{path} has {tokenizer.vocab_size} ids, more than vocab_size={vocab_size}"
+            )
+        logging.info("Loaded tokenizer %s: %d ids", path, tokenizer.vocab_size)
+        return tokenizer
+    logging.info("Training a %s tokenizer (vocab <= %d) for %s", model_type, vocab_size, path)
+    sentences = _sample_sentences(train_source, max_pairs, seed)
+    tokenizer = train_tokenizer(
+        sentences, vocab_size=vocab_size, model_type=model_type, max_sentences=2 * max_pairs
+    )
+    tokenizer.save(path)
+    logging.info("Saved tokenizer %s: %d ids", path, tokenizer.vocab_size)
+    return tokenizer
