@@ -58,6 +58,11 @@ class Tokenizer:
         path.write_bytes(self._proto)
 
     @property
+    def model_proto(self) -> bytes:
+        """The serialized sentencepiece model, e.g. to store with a checkpoint."""
+        return self._proto
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids, specials included; at most the size asked for at training."""
         return self._sp.vocab_size()

@@ -1,0 +1,59 @@
+"""A small Transformer on the built-in synthetic task (English number words -> German).
+
+  python train.py --config=configs/default.py --workdir=/tmp/tfjax-default
+
+Runs offline. On a 2-core CPU it takes about 9 minutes and ends by printing the test split's
+BLEU, chrF and exact match (expected: exact match >= 95%).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Data.
+    config.dataset = "synthetic"  # "synthetic", a folder of train.xx/val.xx files, or a TFDS name
+    config.source_lang = "en"  # file suffix / TFDS language of the source side
+    config.target_lang = "de"  # "de" or "zh" for the synthetic task
+    config.data_dir = ""  # where datasets are built or found; "" = <workdir>/data
+    config.vocab_size = 512  # joint sentencepiece vocabulary, trained into <workdir>/spm.model
+    config.max_source_len = 32  # tokens per source row, eos included
+    config.max_target_len = 32  # tokens per target row, eos included
+    config.pack = True  # pack several pairs per row (segment ids), else pad each pair
+    config.batch_size = 64  # rows per step, over all processes
+    # Model: a preset of tfjax.model.PRESETS plus overrides of TransformerConfig fields.
+    config.model = ml_collections.ConfigDict(
+        dict(
+            preset="base",
+            d_model=128,
+            d_ff=512,
+            num_heads=4,
+            num_layers=2,
+            dropout_rate=0.1,
+            max_len=64,
+            dtype="float32",  # compute dtype; "bfloat16" on TPU/GPU
+        )
+    )
+    # Optimisation.
+    config.learning_rate = 2e-3  # peak of the warmup / inverse-square-root schedule
+    config.warmup_steps = 400
+    config.label_smoothing = 0.1
+    config.clip_norm = 1.0  # global gradient norm; 0 disables
+    config.weight_decay = 0.0  # decoupled (AdamW) when > 0
+    config.accum_steps = 1  # micro-batches per step (batch_size must divide)
+    config.num_train_steps = 1000
+    config.seed = 0
+    # Scale: mesh axis sizes (data, fsdp, tensor); -1 takes the remaining devices.
+    config.mesh = (-1, 1, 1)
+    # Logging, evaluation, checkpoints.
+    config.log_every = 50
+    config.eval_every = 500
+    config.eval_split = "validation"  # split for periodic evaluation and the best checkpoint
+    config.eval_decode_sentences = 256  # sentences decoded for BLEU at each evaluation
+    config.eval_batch_size = 128
+    config.eval_beam_size = 1  # 1: greedy
+    config.eval_alpha = 0.6  # GNMT length penalty when eval_beam_size > 1
+    config.test_split = "test"  # decoded in full at the end
+    config.checkpoint_every = 500
+    config.keep_checkpoints = 3
+    return config

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny parallel corpus and one short training run on it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 80
+# A model small enough that a step costs milliseconds; every checkpoint-relevant path runs.
+TINY = [
+    "--config.vocab_size=320",  # byte fallback takes 256 ids
+    "--config.max_source_len=24",
+    "--config.max_target_len=24",
+    "--config.batch_size=16",
+    "--config.model.d_model=32",
+    "--config.model.d_ff=64",
+    "--config.model.num_heads=2",
+    "--config.model.num_layers=1",
+    "--config.warmup_steps=4",
+    "--config.log_every=1",
+    "--config.checkpoint_every=10",
+    "--config.eval_every=100",
+    "--config.eval_decode_sentences=8",
+    "--config.eval_batch_size=8",
+    "--config.eval_split=val",
+]
+
+WORDS = "ein mann fährt fahrrad eine frau liest ein buch zwei kinder spielen im park".split()
+ENGLISH = "a man rides bike a woman reads a book two children play in park".split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A tiny de-en folder corpus: train / val / test, word-for-word pairs."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 400), ("val", 16), ("test", 16)):
+        rows = [rng.choice(len(WORDS), size=rng.integers(2, 7)) for _ in range(n)]
+        (folder / f"{split}.de").write_text(
+            "".join(" ".join(WORDS[i] for i in r) + "\n" for r in rows)
+        )
+        (folder / f"{split}.en").write_text(
+            "".join(" ".join(ENGLISH[i] for i in r) + "\n" for r in rows)
+        )
+    return folder
+
+
+def train_command(workdir: Path, corpus: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/default.py"),
+        f"--workdir={workdir}", f"--config.dataset={corpus}", "--config.source_lang=de",
+        "--config.target_lang=en", f"--config.data_dir={corpus.parent / 'tfds'}",
+        f"--config.num_train_steps={steps}", "--config.test_split=test", *TINY, *extra,
+    ]  # fmt: skip
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(corpus, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    out = subprocess.run(train_command(workdir, corpus), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "exact match" in out.stdout
+    return workdir

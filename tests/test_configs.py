@@ -1,0 +1,39 @@
+"""Every recipe in configs/ loads, builds a model config, and has no key the trainer ignores."""
+
+import dataclasses
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from tfjax import trainer
+from tfjax.model import TransformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+TRAINER_SOURCE = (ROOT / "tfjax" / "trainer.py").read_text()
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_builds_and_every_key_is_read(path):
+    config = _load(path)
+    assert isinstance(trainer.model_config(config), TransformerConfig)
+    read = set(re.findall(r"config\.(\w+)", TRAINER_SOURCE))
+    unread = [k for k in config.keys() if k not in read]
+    assert not unread, f"{path.name}: keys the trainer never reads: {unread}"
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)} | {"preset"}
+    unknown = [k for k in config.model.keys() if k not in fields]
+    assert not unknown, f"{path.name}: model keys that are not TransformerConfig fields: {unknown}"
+
+
+def test_docstring_gives_the_command():
+    for path in CONFIGS:
+        assert "python train.py --config=configs/" in path.read_text(), path.name

@@ -1,0 +1,435 @@
+"""tfjax.generate on real models: cached decoding equals full-forward references and HF generate.
+
+References re-run the whole teacher-forced forward pass on each chosen prefix, with no cache;
+the prefix is padded to MAX_LEN, which the causal mask makes invisible to the positions read.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+from transformers import MarianConfig, MarianMTModel
+
+from tfjax import decode
+from tfjax import generate as G
+from tfjax.interop import from_marian
+from tfjax.model import Transformer, preset
+
+VOCAB, PAD, EOS, BOS = 32, 0, 1, 2
+BATCH, SOURCE_LEN, MAX_LEN, NUM_TOP = 5, 7, 10, 3
+# Close enough for float32 paths that differ only in summation order (measured: ~2e-6).
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny model whose greedy rows end at varied lengths, and a padded source batch.
+
+    Randomly initialised decoders tend to repeat one token forever: the token fed in dominates
+    the residual stream. Larger learned decoder positions and a sharper untied output make the
+    next token depend on the step, and an eos bias ends some rows early and others not at all.
+    """
+    model = Transformer(
+        preset("tiny", vocab_size=VOCAB, tie_output=False, output_bias=True, positions="learned")
+    )
+    dummy = jnp.ones((1, SOURCE_LEN), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), dummy, dummy)["params"])
+    rng = np.random.default_rng(0)
+    decoder = params["decoder"]
+    table = decoder["embedder"]["position_embedding"]
+    decoder["embedder"]["position_embedding"] = jnp.asarray(2 * rng.normal(size=table.shape))
+    decoder["logits_kernel"] = 2 * decoder["logits_kernel"]
+    decoder["logits_bias"] = jnp.zeros(VOCAB).at[EOS].set(3.0)
+    inputs = rng.integers(3, VOCAB, size=(BATCH, SOURCE_LEN))
+    inputs[1, 4:] = PAD
+    inputs[3, 2:] = PAD
+    forward = jax.jit(lambda src, dec: model.apply({"params": params}, src, dec))
+    return model, params, jnp.asarray(inputs, jnp.int32), forward
+
+
+KW = dict(max_decode_len=MAX_LEN, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+
+
+@pytest.fixture(scope="module")
+def greedy_out(tiny):
+    model, params, inputs, _ = tiny
+    return jax.device_get(G.translate_greedy(model, params, inputs, num_top=NUM_TOP, **KW))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def next_logits(tiny, sentences, prefixes, rows=None) -> np.ndarray:
+    """[len(prefixes), V] float32 logits after bos + prefix, from the full forward pass.
+
+    Sentence `sentences[i]` of the source batch goes with `prefixes[i]`; `rows` pads the
+    batch to a fixed size so the forward pass compiles once.
+    """
+    _, _, inputs, forward = tiny
+    rows = rows or len(prefixes)
+    dec = np.full((rows, MAX_LEN), PAD, np.int32)
+    src = np.zeros((rows, SOURCE_LEN), np.int32)
+    for i, (b, prefix) in enumerate(zip(sentences, prefixes, strict=True)):
+        dec[i, : len(prefix) + 1] = (BOS, *prefix)
+        src[i] = inputs[b]
+    logits = np.asarray(forward(jnp.asarray(src), jnp.asarray(dec)))  # [rows, MAX_LEN, V]
+    return np.stack([logits[i, len(p)] for i, p in enumerate(prefixes)])
+
+
+def ref_rows(tiny, choose, processor=None):
+    """No-cache greedy / sampling: choose(logits [B, V], step) -> [B] token ids."""
+    prefixes, ended = [() for _ in range(BATCH)], [False] * BATCH
+    for step in range(MAX_LEN):
+        if all(ended):
+            break
+        logits = next_logits(tiny, range(BATCH), prefixes)
+        if processor is not None:
+            logits = processor(logits, step)
+        chosen = choose(logits, step)
+        for b in range(BATCH):
+            if not ended[b]:
+                prefixes[b] += (int(chosen[b]),)
+                ended[b] = chosen[b] == EOS
+    return prefixes
+
+
+def assert_history(tiny, sentence, tokens, token_log_probs, top_ids, top_probs, processor=None):
+    """Each step's token log-prob and top alternatives equal the full-forward softmax.
+
+    Returns the largest absolute difference seen.
+    """
+    tokens = [int(t) for t in tokens]
+    length = tokens.index(EOS) + 1 if EOS in tokens else len(tokens)
+    worst = 0.0
+    for i in range(length):
+        logits = next_logits(tiny, [sentence], [tuple(tokens[:i])])
+        if processor is not None:
+            logits = processor(logits, i)
+        log_probs = log_softmax(logits)[0]
+        np.testing.assert_allclose(token_log_probs[i], log_probs[tokens[i]], atol=ATOL)
+        expected_ids = np.argsort(-log_probs, kind="stable")[: top_ids.shape[-1]]
+        np.testing.assert_array_equal(top_ids[i], expected_ids)
+        np.testing.assert_allclose(top_probs[i], np.exp(log_probs[expected_ids]), atol=ATOL)
+        worst = max(worst, abs(token_log_probs[i] - log_probs[tokens[i]]))
+    assert np.all(np.asarray(tokens[length:]) == PAD) and np.all(token_log_probs[length:] == 0)
+    assert np.all(top_ids[length:] == PAD) and np.all(top_probs[length:] == 0)
+    return worst
+
+
+def assert_rows_match(tiny, out, prefixes, processor=None):
+    """A DecodeOutput equals the reference prefixes, with per-step records re-scored."""
+    for b, prefix in enumerate(prefixes):
+        expected = np.full(MAX_LEN, PAD)
+        expected[: len(prefix)] = prefix
+        np.testing.assert_array_equal(out.tokens[b], expected)
+        assert out.lengths[b] == len(prefix)
+        args = (out.tokens[b], out.token_log_probs[b], out.top_ids[b], out.top_probs[b])
+        assert_history(tiny, b, *args, processor=processor)
+    np.testing.assert_allclose(out.score, out.token_log_probs.sum(-1), rtol=1e-6)
+
+
+def test_greedy_matches_full_forward(tiny, greedy_out):
+    prefixes = ref_rows(tiny, lambda logits, step: logits.argmax(-1))
+    assert_rows_match(tiny, greedy_out, prefixes)
+    # Rows end at several lengths, and at least one runs to MAX_LEN without eos.
+    assert len(set(greedy_out.lengths.tolist())) >= 3 and MAX_LEN in greedy_out.lengths
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.8, 5, 0.9)])
+def test_sample_matches_full_forward(tiny, temperature, top_k, top_p):
+    """The draw of step t is categorical(fold_in(rng, t)) over the filtered logits.
+
+    decode.filter_logits is pinned against NumPy in test_decode.py; here it is applied to the
+    full-forward logits, so the test pins the cache and the callback, not the filtering.
+    """
+    model, params, inputs, _ = tiny
+    rng = jax.random.key(7)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    out = G.translate_sample(model, params, inputs, rng, num_top=NUM_TOP, **sampling, **KW)
+
+    def choose(logits, step):
+        filtered = decode.filter_logits(jnp.asarray(logits), **sampling)
+        return np.asarray(jax.random.categorical(jax.random.fold_in(rng, step), filtered))
+
+    assert_rows_match(tiny, jax.device_get(out), ref_rows(tiny, choose))
+
+
+def np_ban_and_force(logits: np.ndarray, step: int) -> np.ndarray:
+    """NumPy twin of BAN_AND_FORCE: pad and token 5 banned, eos forced at the last step."""
+    logits = np.array(logits, np.float32)
+    logits[:, [PAD, 5]] = -np.inf
+    if step == MAX_LEN - 1:
+        logits[:] = -np.inf
+        logits[:, EOS] = 0.0
+    return logits
+
+
+BAN_AND_FORCE = G.chain(G.ban_tokens([PAD, 5]), G.force_eos_at_end(EOS, MAX_LEN))
+
+
+def test_logits_processor_sees_each_step(tiny):
+    """Greedy and score with a processor equal the reference with its NumPy twin."""
+    model, params, inputs, _ = tiny
+    kw = dict(num_top=NUM_TOP, logits_processor=BAN_AND_FORCE, **KW)
+    out = jax.device_get(G.translate_greedy(model, params, inputs, **kw))
+    prefixes = ref_rows(tiny, lambda logits, step: logits.argmax(-1), np_ban_and_force)
+    assert_rows_match(tiny, out, prefixes, np_ban_and_force)
+    # Forced eos: every row ends by MAX_LEN, and the banned tokens never appear.
+    assert np.all(out.tokens[np.arange(BATCH), out.lengths - 1] == EOS)
+    assert 5 not in out.tokens[out.tokens != PAD]
+    scored = G.score(
+        model, params, inputs, out.tokens, bos_id=BOS, pad_id=PAD, logits_processor=BAN_AND_FORCE
+    )
+    np.testing.assert_allclose(scored, out.token_log_probs, atol=ATOL)
+
+
+def test_score_equals_full_forward_prefix_by_prefix(tiny):
+    model, params, inputs, _ = tiny
+    rng = np.random.default_rng(3)
+    targets = rng.integers(3, VOCAB, size=(BATCH, MAX_LEN))
+    for b, length in enumerate([1, 4, MAX_LEN, 7, 2]):
+        targets[b, length - 1] = EOS if length < MAX_LEN else targets[b, length - 1]
+        targets[b, length:] = PAD
+    got = np.asarray(G.score(model, params, inputs, jnp.asarray(targets), bos_id=BOS, pad_id=PAD))
+    expected = np.zeros((BATCH, MAX_LEN))
+    for t in range(MAX_LEN):
+        log_probs = log_softmax(next_logits(tiny, range(BATCH), [tuple(r[:t]) for r in targets]))
+        expected[:, t] = np.where(
+            targets[:, t] != PAD, log_probs[np.arange(BATCH), targets[:, t]], 0
+        )
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+    np.testing.assert_allclose(got.sum(-1), expected.sum(-1), atol=ATOL)
+
+
+def test_score_gives_back_greedy_log_probs(tiny, greedy_out):
+    model, params, inputs, _ = tiny
+    tokens = jnp.asarray(greedy_out.tokens)
+    got = G.score(model, params, inputs, tokens, bos_id=BOS, pad_id=PAD)
+    np.testing.assert_allclose(got, greedy_out.token_log_probs, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(got).sum(-1), greedy_out.score, atol=ATOL)
+
+
+def penalised(log_prob_sum: float, length: int, alpha: float, style: str) -> float:
+    divisor = ((5 + length) / 6) ** alpha if style == "gnmt" else length**alpha
+    return log_prob_sum / divisor
+
+
+def ref_beam(tiny, beam, alpha, style):
+    """Beam search over full-forward log-probs, every sentence in lockstep, all MAX_LEN steps.
+
+    Same rules as decode.beam_search: the 2 * beam best extensions by raw sum; those among the
+    best `beam` that end (eos or MAX_LEN) finish, scored with the penalty; the best `beam`
+    others stay alive. No early stopping, which decode.beam_search says never changes the
+    n-best. Returns per sentence a list of (score, log-prob sum, tokens), best first.
+    """
+    alive = [[(0.0, ())] for _ in range(BATCH)]
+    finished = [[] for _ in range(BATCH)]
+    for step in range(MAX_LEN):
+        rows = [(b, prefix) for b in range(BATCH) for _, prefix in alive[b]]
+        logits = next_logits(tiny, *zip(*rows, strict=True), rows=BATCH * beam)
+        log_probs = iter(log_softmax(logits))
+        for b in range(BATCH):
+            candidates = []
+            for total, prefix in alive[b]:
+                lp = next(log_probs)
+                candidates += [(total + lp[v], (*prefix, v)) for v in range(VOCAB)]
+            candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * beam]
+            ending = [seq[-1] == EOS or step == MAX_LEN - 1 for _, seq in candidates]
+            for rank, (total, seq) in enumerate(candidates[:beam]):
+                if ending[rank]:
+                    finished[b].append((penalised(total, step + 1, alpha, style), total, seq))
+            finished[b] = sorted(finished[b], key=lambda f: -f[0])[:beam]
+            alive[b] = [c for c, end in zip(candidates, ending, strict=True) if not end][:beam]
+    return finished
+
+
+@pytest.mark.parametrize("alpha, style", [(0.6, "gnmt"), (1.0, "plain")])
+def test_beam_matches_full_forward_beam_search(tiny, greedy_out, alpha, style):
+    model, params, inputs, _ = tiny
+    beam = 4
+    out = G.translate_beam(
+        model,
+        params,
+        inputs,
+        beam_size=beam,
+        alpha=alpha,
+        length_penalty=style,
+        num_top=NUM_TOP,
+        **KW,
+    )
+    out = jax.device_get(out)
+    for b, nbest in enumerate(ref_beam(tiny, beam, alpha, style)):
+        assert len(nbest) == beam
+        for k, (score, total, seq) in enumerate(nbest):
+            np.testing.assert_array_equal(out.tokens[b, k, : len(seq)], seq)
+            assert out.lengths[b, k] == len(seq)
+            np.testing.assert_allclose(out.scores[b, k], score, atol=ATOL)
+            np.testing.assert_allclose(out.log_prob_sums[b, k], total, atol=ATOL)
+            history = (out.token_log_probs, out.top_ids, out.top_probs)
+            assert_history(tiny, b, out.tokens[b, k], *(h[b, k] for h in history))
+    greedy = penalised(greedy_out.score, greedy_out.lengths, alpha, style)
+    assert np.all(out.scores[:, 0] >= greedy - ATOL)
+    assert np.any(out.scores[:, 0] > greedy + 1e-3)  # the beam finds something greedy missed
+
+
+def test_beam_size_one_equals_greedy(tiny, greedy_out):
+    model, params, inputs, _ = tiny
+    out = G.translate_beam(model, params, inputs, beam_size=1, alpha=0.0, num_top=NUM_TOP, **KW)
+    out = jax.device_get(out)
+    np.testing.assert_array_equal(out.tokens[:, 0], greedy_out.tokens)
+    np.testing.assert_array_equal(out.lengths[:, 0], greedy_out.lengths)
+    np.testing.assert_array_equal(out.top_ids[:, 0], greedy_out.top_ids)
+    np.testing.assert_allclose(out.token_log_probs[:, 0], greedy_out.token_log_probs, atol=1e-6)
+    np.testing.assert_allclose(out.log_prob_sums[:, 0], greedy_out.score, atol=1e-6)
+    np.testing.assert_allclose(out.top_probs[:, 0], greedy_out.top_probs, atol=1e-6)
+
+
+# Hugging Face parity.
+
+HF_VOCAB, HF_PAD, HF_EOS, HF_BATCH, HF_LEN = 40, 39, 0, 8, 12
+
+
+@pytest.fixture(scope="module")
+def marian():
+    """A random MarianMTModel, its tfjax conversion, and a padded source batch.
+
+    Hugging Face's initialisation (std 0.02) gives near-uniform logits that the logits bias
+    decides alone, so every row repeats one token. Re-drawn weights, small token embeddings
+    (so positions move the decoder), a separate output matrix with a louder eos row, and an
+    eos bias give rows that vary and end at several lengths, some only at HF_LEN. Seed and
+    scales were picked by a sweep for that spread.
+
+    Encoder and decoder embeddings are separate tables: in transformers 5 an untied output
+    (tie_word_embeddings=False) also unties both embed_tokens from `model.shared`, the one
+    table from_marian reads when the config shares embeddings.
+    """
+    torch.manual_seed(5)
+    config = MarianConfig(
+        vocab_size=HF_VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=HF_PAD, decoder_start_token_id=HF_PAD, eos_token_id=HF_EOS,
+        activation_function="swish", scale_embedding=True, tie_word_embeddings=False,
+        share_encoder_decoder_embeddings=False, decoder_vocab_size=HF_VOCAB,
+    )  # fmt: skip
+    hf = MarianMTModel(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.ndim != 2 or "embed_positions" in name:  # positions stay sinusoidal
+                continue
+            if "embed_tokens" in name:  # [V, D]; sqrt(D) scaling brings them to std 0.1
+                p.normal_(0, 0.1 / p.shape[1] ** 0.5)
+            else:  # [out, in]
+                p.normal_(0, (2.5 if name == "lm_head.weight" else 1.0) / p.shape[1] ** 0.5)
+        hf.lm_head.weight[HF_EOS] *= 3
+        hf.final_logits_bias.normal_(0, 0.5)
+        hf.final_logits_bias[0, HF_EOS] += 1.0
+    converted = from_marian(hf)
+    assert (converted.bos_id, converted.eos_id, converted.pad_id) == (HF_PAD, HF_EOS, HF_PAD)
+    rng = np.random.default_rng(0)
+    src = rng.integers(1, HF_PAD, size=(HF_BATCH, 9))
+    for row, length in ((1, 5), (3, 2), (6, 4)):
+        src[row, length:] = HF_PAD
+    model = Transformer(converted.config)
+    params = jax.tree.map(jnp.asarray, converted.params)
+    return hf, model, params, src
+
+
+def hf_generate(hf, src, **kwargs):
+    """Hugging Face generate with every processing option named; kwargs override."""
+    options = dict(
+        max_new_tokens=HF_LEN,
+        do_sample=False,
+        num_beams=1,
+        bad_words_ids=None,
+        forced_eos_token_id=None,
+        min_length=0,
+        no_repeat_ngram_size=0,
+        repetition_penalty=1.0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=HF_PAD,
+        eos_token_id=HF_EOS,
+        decoder_start_token_id=HF_PAD,
+    )
+    with torch.no_grad():
+        return hf.generate(
+            input_ids=torch.tensor(src),
+            attention_mask=torch.tensor(src != HF_PAD),
+            **{**options, **kwargs},
+        )
+
+
+def assert_same_tokens(ours: np.ndarray, theirs: torch.Tensor) -> None:
+    """ours [rows, HF_LEN] vs HF sequences [rows, 1 + n]: HF starts with decoder_start and is
+    cut after its longest row, where ours keeps padding to HF_LEN."""
+    theirs = theirs.numpy()[:, 1:]
+    np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
+    assert np.all(ours[:, theirs.shape[1] :] == HF_PAD)
+
+
+HF_KW = dict(max_decode_len=HF_LEN, bos_id=HF_PAD, eos_id=HF_EOS, pad_id=HF_PAD)
+
+
+def test_greedy_matches_hugging_face_marian(marian):
+    """Marian's own generation rules: pad banned (bad_words_ids), eos forced at the last step.
+
+    Both are applied to logits in Hugging Face greedy search, so the hook reproduces them
+    exactly; HF `scores` are those processed logits, whose log-softmax is our token log-prob.
+    """
+    hf, model, params, src = marian
+    processor = G.chain(G.ban_tokens([HF_PAD]), G.force_eos_at_end(HF_EOS, HF_LEN))
+    theirs = hf_generate(hf, src, bad_words_ids=[[HF_PAD]], forced_eos_token_id=HF_EOS)
+    out = G.translate_greedy(model, params, jnp.asarray(src), logits_processor=processor, **HF_KW)
+    out = jax.device_get(out)
+    assert_same_tokens(out.tokens, theirs.sequences)
+    lengths = out.lengths.tolist()
+    assert len(set(lengths)) >= 4 and HF_LEN in lengths, lengths
+    log_probs = torch.log_softmax(torch.stack(theirs.scores, dim=1), -1).numpy()  # [B, n, V]
+    steps = log_probs.shape[1]
+    picked = np.take_along_axis(log_probs, out.tokens[:, :steps, None], -1)[..., 0]
+    picked = np.where(np.arange(steps) < out.lengths[:, None], picked, 0.0)
+    np.testing.assert_allclose(out.token_log_probs[:, :steps], picked, atol=1e-4)
+
+
+@pytest.mark.parametrize("alpha, force_eos", [(1.0, False), (0.6, True)])
+def test_beam_search_matches_hugging_face_marian(marian, alpha, force_eos):
+    """The whole 4-best list and its scores equal HF's `num_return_sequences=4`.
+
+    early_stopping="never" makes HF stop on a true bound, as decode.beam_search does. Pad is
+    not banned: HF beam search bans on log-probabilities without renormalising, which a
+    logits hook cannot reproduce, so its scores would differ by log(1 - p(pad)) per step.
+    Forcing eos at the last step is exact either way: HF gives eos log-prob 0, as we do.
+    """
+    hf, model, params, src = marian
+    beam = 4
+    processor = G.force_eos_at_end(HF_EOS, HF_LEN) if force_eos else None
+    theirs = hf_generate(
+        hf,
+        src,
+        num_beams=beam,
+        num_return_sequences=beam,
+        early_stopping="never",
+        length_penalty=alpha,
+        forced_eos_token_id=HF_EOS if force_eos else None,
+    )
+    out = G.translate_beam(
+        model,
+        params,
+        jnp.asarray(src),
+        beam_size=beam,
+        alpha=alpha,
+        length_penalty="plain",
+        logits_processor=processor,
+        **HF_KW,
+    )
+    out = jax.device_get(out)
+    assert_same_tokens(out.tokens.reshape(HF_BATCH * beam, HF_LEN), theirs.sequences)
+    scores = theirs.sequences_scores.numpy().reshape(HF_BATCH, beam)
+    np.testing.assert_allclose(out.scores, scores, atol=1e-4)
+    assert len(set(out.lengths.ravel().tolist())) >= 3

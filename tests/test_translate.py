@@ -1,0 +1,100 @@
+"""Translator and `python -m tfjax` on a checkpoint of the shared tiny training run."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import STEPS
+
+from tfjax import checkpoint, generate
+from tfjax.translator import Translator
+
+
+@pytest.fixture(scope="module")
+def translator(uninterrupted):
+    return Translator.from_workdir(uninterrupted, max_batch=4)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tfjax", *args], capture_output=True, text=True)
+
+
+def test_translation_carries_its_own_probabilities(translator):
+    sentence = ["ein mann liest ein buch"]
+    greedy = translator.translate(sentence, num_top=3)[0]
+    beam = translator.translate(sentence, beam_size=3, num_top=3)[0]
+    for t in (greedy, beam):
+        # A 16-step model may not reach eos: then the output stops at max_decode_len.
+        assert len(t.log_probs) == len(t.pieces) and len(t.pieces) >= 1
+        assert t.score == pytest.approx(sum(t.log_probs))
+        for top in t.alternatives:
+            probs = [p for _, p in top]
+            assert probs == sorted(probs, reverse=True) and len(top) == 3
+    # Greedy picks the most probable piece at every step, and reports its probability.
+    for piece, log_p, top in zip(greedy.pieces, greedy.log_probs, greedy.alternatives, strict=True):
+        assert top[0][0] == piece and top[0][1] == pytest.approx(np.exp(log_p), rel=1e-5)
+    assert beam.penalised is not None and greedy.penalised is None
+
+
+def test_score_equals_the_decoders_own_log_probs(translator):
+    sentence = "zwei kinder spielen im park"
+    greedy = translator.translate([sentence])[0]
+    scored = translator.score([sentence], [greedy.text])[0]
+    assert [p for p, _ in scored] == greedy.pieces
+    np.testing.assert_allclose([lp for _, lp in scored], greedy.log_probs, atol=1e-5)
+
+
+def test_bucketing_keeps_the_compile_count_flat(translator):
+    rng = np.random.default_rng(0)
+    words = "ein mann fährt fahrrad eine frau liest buch zwei kinder".split()
+    translator.translate(["ein mann"])  # batch bucket 1 compiled
+    before = generate.translate_greedy._cache_size()
+    for n in (1, 2, 3, 4, 5, 7, 9):  # batch sizes fall in buckets 1, 2, 4 (max_batch 4)
+        batch = [" ".join(rng.choice(words, size=rng.integers(1, 9))) for _ in range(n)]
+        translator.translate(batch)
+    # One length bucket (sources <= 16 tokens) times two new batch buckets.
+    assert generate.translate_greedy._cache_size() - before <= 2
+
+
+def test_bad_input_is_refused(translator):
+    with pytest.raises(ValueError, match="sentence 1 is empty"):
+        translator.translate(["ein mann", "  "])
+    with pytest.raises(TypeError, match="list of sentences"):
+        translator.translate("ein mann")
+    long = " ".join(["mann"] * 200)  # longer than max_len: truncated with a warning
+    assert translator.translate([long])[0].text
+
+
+def test_cli_translate_shows_probabilities(uninterrupted):
+    out = _cli("translate", "--workdir", str(uninterrupted), "--show-probs", "2", "ein buch")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[1].split()[:3] == ["step", "chosen", "p"]
+    assert lines[2].split()[0] == "0" and len(lines[2].split()) >= 7  # piece, p, 2 x (alt, p)
+
+
+def test_cli_translate_reads_a_file_with_beam(uninterrupted, tmp_path):
+    source = tmp_path / "in.de"
+    source.write_text("ein mann\neine frau liest\n")
+    out = _cli("translate", "--workdir", str(uninterrupted), "--beam", "3", "--file", str(source))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(out.stdout.splitlines()) == 2
+
+
+def test_cli_evaluate_prints_bleu_with_signature(uninterrupted):
+    out = _cli("evaluate", "--workdir", str(uninterrupted), "--split", "test")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BLEU" in out.stdout and "chrF" in out.stdout and "nrefs:1|case:mixed" in out.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    out = _cli("translate", "--workdir", str(tmp_path), "hallo")
+    assert out.returncode == 1 and out.stderr.strip().startswith("error:")
+    assert "training workdir" in out.stderr
+
+
+def test_named_and_latest_checkpoints(uninterrupted):
+    assert checkpoint.read_meta(uninterrupted)["train"]["num_train_steps"] == STEPS
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint step 3"):
+        Translator.from_workdir(uninterrupted, step=3)

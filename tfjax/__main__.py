@@ -1,0 +1,7 @@
+"""Entry point of `python -m tfjax`."""
+
+import sys
+
+from tfjax.cli import main
+
+sys.exit(main())

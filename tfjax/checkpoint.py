@@ -1,0 +1,203 @@
+"""Orbax checkpoints: async periodic saves, the best by validation BLEU, exact resume, restore.
+
+A checkpoint directory `<workdir>/checkpoints/<step>/` holds, written together:
+  state/      the TrainState (parameters, optimizer state, step), sharded as in training;
+  data/       each process's data-iterator state (grain), so a resume sees the same batches;
+  meta/       JSON: the model config and the training config;
+  assets/     the sentencepiece model's bytes, so a checkpoint translates on its own.
+`<workdir>/best/<step>/` keeps the one checkpoint with the highest validation BLEU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging as std_logging
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from tfjax.model import TransformerConfig
+
+
+def quiet_library_logs() -> None:
+    """Hide Orbax's and grain's INFO chatter and read-only notices; keep real warnings."""
+
+    def keep(record: std_logging.LogRecord) -> bool:
+        noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+        message = record.getMessage()
+        routine = (
+            record.levelno < std_logging.WARNING or "read only" in message or "read_only" in message
+        )
+        return not (noisy and routine)
+
+    logging.get_absl_handler().addFilter(keep)
+    std_logging.getLogger("absl").addFilter(keep)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial, corrupt or does not fit the model asked for."""
+
+
+def config_to_json(cfg: TransformerConfig) -> dict[str, Any]:
+    """A TransformerConfig as JSON-able values (dtypes by name)."""
+    return {
+        k: (np.dtype(v).name if k in ("dtype", "param_dtype") else v)
+        for k, v in dataclasses.asdict(cfg).items()
+    }
+
+
+def config_from_json(values: dict[str, Any]) -> TransformerConfig:
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise CheckpointError(f"checkpoint names unknown model config fields {sorted(unknown)}")
+    values = dict(values)
+    for k in ("dtype", "param_dtype"):
+        if k in values:
+            values[k] = jax.numpy.dtype(values[k])
+    return TransformerConfig(**values)
+
+
+class Checkpointer:
+    """The workdir's checkpoint managers: the last `keep` saves, and the best by BLEU."""
+
+    def __init__(self, workdir: str | Path, *, keep: int = 3, async_saves: bool = True) -> None:
+        root = epath.Path(workdir)  # local paths and gs:// alike
+        options = dict(enable_async_checkpointing=async_saves, create=True)
+        self.latest = ocp.CheckpointManager(
+            root / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options)
+        )
+        self.best = ocp.CheckpointManager(
+            root / "best",
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m["bleu"], best_mode="max", **options
+            ),
+        )
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: Any,
+        meta: dict[str, Any],
+        tokenizer_bytes: bytes,
+        *,
+        bleu: float | None = None,
+    ) -> None:
+        """Start saving (async); with `bleu`, also offer the checkpoint to the best-of manager."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave(meta),
+            assets=ocp.args.StandardSave({"tokenizer": np.frombuffer(tokenizer_bytes, np.uint8)}),
+        )
+        self.latest.save(step, args=args, force=True)
+        if bleu is not None:
+            self.best.save(step, args=args, metrics={"bleu": float(bleu)}, force=True)
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def restore(self, target_state: Any, data_iterator: Any, step: int | None = None) -> Any:
+        """Restore state into the shardings of `target_state` and the iterator in place.
+
+        `target_state` is a tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, so a
+        checkpoint written on one mesh restores onto another.
+        """
+        step = self.latest.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.latest.directory}")
+        try:
+            restored = self.latest.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                ),
+            )
+        except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {self.latest.directory / str(step)}: {e}") from e
+        return restored.state
+
+    def wait(self) -> None:
+        """Block until pending async saves are on disk."""
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def _step_dir(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers=dict(
+            state=ocp.PyTreeCheckpointHandler(),
+            meta=ocp.JsonCheckpointHandler(),
+            assets=ocp.StandardCheckpointHandler(),
+            data=grain.checkpoint.CheckpointHandler(),
+        ),
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        found = manager.all_steps()
+        raise CheckpointError(f"no checkpoint step {step} in {directory} (found {found})")
+    return manager, step
+
+
+def read_meta(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The JSON meta (model and training config) saved with a checkpoint of `workdir`."""
+    directory = epath.Path(workdir) / "checkpoints"
+    manager, step = _step_dir(directory, step)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {e}") from e
+
+
+def restore_for_inference(
+    workdir: str | Path, step: int | None = None, *, best: bool = False
+) -> tuple[TransformerConfig, Any, bytes, dict[str, Any]]:
+    """(model config, params on the default device, tokenizer bytes, meta) of a checkpoint.
+
+    Restores onto whatever devices this process has (e.g. one CPU), whatever mesh wrote it.
+    """
+    root = epath.Path(workdir)
+    directory = root / ("best" if best else "checkpoints")
+    if not directory.exists():
+        raise CheckpointError(f"{directory} does not exist; is {workdir} a training workdir?")
+    manager, step = _step_dir(directory, step)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        tree = manager.item_metadata(step).state.tree
+        # Only the parameters: evaluation needs neither the optimizer state nor the step.
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"]
+        )
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": target},
+                    restore_args=jax.tree_util.tree_map(
+                        lambda t: ocp.ArrayRestoreArgs(sharding=device), {"params": target}
+                    ),
+                    partial_restore=True,
+                ),
+                assets=ocp.args.StandardRestore(),
+            ),
+        )
+    except (ValueError, FileNotFoundError, OSError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {e}") from e
+    config = config_from_json(meta["model"])
+    tokenizer = np.asarray(restored.assets["tokenizer"]).tobytes()
+    return config, restored.state["params"], tokenizer, meta

@@ -1,0 +1,122 @@
+"""`python -m tfjax translate|evaluate ...`: the command line over Translator and evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+
+from tqdm import tqdm
+
+from tfjax import checkpoint
+from tfjax.translator import Translation, Translator
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tfjax")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def restore_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workdir", required=True, help="a training workdir")
+        p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+        p.add_argument("--best", action="store_true", help="the best-BLEU checkpoint")
+        p.add_argument("--beam", type=int, default=1, help="beam size; 1 = greedy")
+        p.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty")
+        p.add_argument("--batch", type=int, default=32, help="sentences per decoder call")
+
+    translate = commands.add_parser("translate", help="translate sentences")
+    restore_args(translate)
+    translate.add_argument("sentences", nargs="*", help="text; none: lines of --file or stdin")
+    translate.add_argument("--file", default=None, help="translate the lines of this file")
+    translate.add_argument(
+        "--show-probs", type=int, default=0, metavar="K", help="print top-K per step"
+    )
+
+    evaluate = commands.add_parser("evaluate", help="translate a split and score it")
+    restore_args(evaluate)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--data_dir", default=None, help="override the training data_dir")
+    return parser
+
+
+def _lines(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """(sentences, whether to show progress)."""
+    if args.sentences:
+        return list(args.sentences), False
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f], True
+    return [line.rstrip("\n") for line in sys.stdin], False
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def probability_table(translation: Translation) -> str:
+    """Per step: the chosen piece, its probability, and the top-k alternatives."""
+    lines = [f"{'step':>4}  {'chosen':<14} {'p':>6}   alternatives"]
+    for t, (piece, log_p) in enumerate(zip(translation.pieces, translation.log_probs, strict=True)):
+        alternatives = "  ".join(f"{a} {p:.3f}" for a, p in translation.alternatives[t])
+        lines.append(f"{t:>4}  {piece:<14} {2.718281828459045**log_p:>6.3f}   {alternatives}")
+    return "\n".join(lines)
+
+
+def _translate(args: argparse.Namespace) -> None:
+    translator = Translator.from_workdir(
+        args.workdir, args.step, best=args.best, max_batch=args.batch
+    )
+    sentences, progress = _lines(args)
+    bar = tqdm(total=len(sentences), desc="translate", disable=not progress)
+    for chunk in _chunks(sentences, args.batch):
+        for translation in translator.translate(
+            chunk, beam_size=args.beam, alpha=args.alpha, num_top=args.show_probs
+        ):
+            print(translation.text, flush=True)
+            if args.show_probs:
+                print(probability_table(translation), end="\n\n")
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from tfjax import evaluate
+    from tfjax.data import prepare
+
+    meta = checkpoint.read_meta(args.workdir, args.step)
+    train = meta["train"]
+    data = prepare(
+        train["dataset"],
+        source_lang=train["source_lang"],
+        target_lang=train["target_lang"],
+        data_dir=args.data_dir or train["data_dir"] or f"{args.workdir}/data",
+    )
+    source = data.source(args.split)
+    translator = Translator.from_workdir(
+        args.workdir, args.step, best=args.best, max_batch=args.batch
+    )
+    examples = [source[i] for i in range(len(source))]
+    hypotheses = []
+    for chunk in tqdm(list(_chunks(examples, args.batch)), desc=args.split):
+        out = translator.translate(
+            [e["source"] for e in chunk], beam_size=args.beam, alpha=args.alpha
+        )
+        hypotheses.extend(t.text for t in out)
+    result = evaluate.scores(hypotheses, [e["target"] for e in examples])
+    print(
+        f"{args.split}: {len(examples)} sentences  BLEU {result['bleu']:.2f}  "
+        f"(lowercased {result['bleu_lowercase']:.2f})  chrF {result['chrf']:.2f}  "
+        f"exact match {result['exact_match']:.2f}%\nsacreBLEU signature: {result['signature']}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    checkpoint.quiet_library_logs()
+    try:
+        {"translate": _translate, "evaluate": _evaluate}[args.command](args)
+    except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

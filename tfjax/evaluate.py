@@ -1,0 +1,69 @@
+"""Translate a split with a model's parameters and score it: sacreBLEU, chrF, exact match."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import sacrebleu
+from tqdm import tqdm
+
+from tfjax import generate
+from tfjax.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from tfjax.model import Transformer
+
+
+def _best_tokens(
+    model: Transformer,
+    params: Any,
+    inputs: np.ndarray,
+    max_decode_len: int,
+    beam: int,
+    alpha: float,
+) -> np.ndarray:
+    """The best translation's ids [B, max_decode_len] of a source batch [B, S]."""
+    common = dict(max_decode_len=max_decode_len, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
+    if beam == 1:
+        return np.asarray(generate.translate_greedy(model, params, inputs, **common).tokens)
+    out = generate.translate_beam(model, params, inputs, beam_size=beam, alpha=alpha, **common)
+    return np.asarray(out.tokens[:, 0])  # [B, beam, L] -> best [B, L]
+
+
+def translate_batches(
+    model: Transformer,
+    params: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    tokenizer: Tokenizer,
+    *,
+    max_decode_len: int,
+    beam_size: int = 1,
+    alpha: float = 0.6,
+    progress: bool = False,
+) -> dict[int, str]:
+    """Detokenized translations by example index, for eval batches (rows with index -1 skipped)."""
+    out: dict[int, str] = {}
+    for batch in tqdm(batches, desc="translate", disable=not progress, leave=False):
+        tokens = _best_tokens(model, params, batch["inputs"], max_decode_len, beam_size, alpha)
+        for index, row in zip(batch["index"], tokens, strict=True):
+            if index >= 0:
+                out[int(index)] = tokenizer.decode(row)
+    return out
+
+
+def scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """sacreBLEU (13a, cased), lowercased BLEU, chrF and exact match, with BLEU's signature."""
+    bleu = sacrebleu.metrics.BLEU()
+    result = bleu.corpus_score(list(hypotheses), [list(references)])
+    lower = sacrebleu.metrics.BLEU(lowercase=True).corpus_score(
+        list(hypotheses), [list(references)]
+    )
+    chrf = sacrebleu.metrics.CHRF().corpus_score(list(hypotheses), [list(references)])
+    exact = np.mean([h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True)])
+    return dict(
+        bleu=result.score,
+        bleu_lowercase=lower.score,
+        chrf=chrf.score,
+        exact_match=float(exact) * 100,
+        signature=str(bleu.get_signature()),
+    )

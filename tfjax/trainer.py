@@ -1,0 +1,364 @@
+"""The training loop: data, mesh, state, restore, steps, evaluation, checkpoints and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from tfjax import checkpoint, evaluate, sharding, train_lib
+from tfjax.data import (
+    PipelineOptions,
+    Tokenizer,
+    TranslationData,
+    eval_dataset,
+    load_or_train_tokenizer,
+    prepare,
+    train_dataset,
+)
+from tfjax.model import Transformer, TransformerConfig, preset
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on: bad workdir, incompatible resume, NaN loss."""
+
+
+def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
+    """config.model (a preset name plus overrides) and config.vocab_size -> TransformerConfig."""
+    fields = dict(config.model)
+    name = fields.pop("preset")
+    dtype = jnp.dtype(fields.pop("dtype"))
+    return preset(name, vocab_size=config.vocab_size, dtype=dtype, **fields)
+
+
+def _check_workdir(workdir: epath.Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe_{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"workdir {workdir} is not writable: {e}") from e
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop works with, built once by `setup`."""
+
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    data: TranslationData
+    tokenizer: Tokenizer
+    model: Transformer
+    mesh: Any
+    train_iter: Any
+    checkpointer: checkpoint.Checkpointer
+    meta: dict[str, Any]
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Prepare data and tokenizer, the mesh, the model and the data iterator."""
+    root = epath.Path(workdir)
+    _check_workdir(root)
+    data_dir = config.data_dir or str(root / "data")
+    data = prepare(
+        config.dataset,
+        source_lang=config.source_lang,
+        target_lang=config.target_lang,
+        data_dir=data_dir,
+    )
+    tokenizer = load_or_train_tokenizer(
+        root / "spm.model", data.source("train"), vocab_size=config.vocab_size
+    )
+    if config.batch_size % jax.process_count():
+        raise TrainingError(f"batch_size={config.batch_size} not divisible by the process count")
+    options = PipelineOptions(
+        batch_size=config.batch_size // jax.process_count(),
+        max_source_len=config.max_source_len,
+        max_target_len=config.max_target_len,
+        pack=config.pack,
+        seed=config.seed,
+    )
+    model_cfg = model_config(config)
+    meta = {"model": checkpoint.config_to_json(model_cfg), "train": config.to_dict()}
+    return Run(
+        config=config,
+        workdir=root,
+        data=data,
+        tokenizer=tokenizer,
+        model=Transformer(model_cfg),
+        mesh=sharding.make_mesh(tuple(config.mesh)),
+        train_iter=iter(train_dataset(data.source("train"), tokenizer, options)),
+        checkpointer=checkpoint.Checkpointer(root, keep=config.keep_checkpoints),
+        meta=meta,
+    )
+
+
+def _example_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """Zeros shaped like one per-process batch, for tracing the model's init."""
+    rows = config.batch_size // jax.process_count()
+    src = np.zeros((rows, config.max_source_len), np.int32)
+    tgt = np.zeros((rows, config.max_target_len), np.int32)
+    return dict(inputs=src, targets=tgt, decoder_inputs=tgt)
+
+
+def _check_resumable(run: Run) -> None:
+    """Refuse to resume a workdir whose saved model config differs from this one."""
+    step = run.checkpointer.latest_step()
+    if step is None:
+        return
+    saved = checkpoint.read_meta(run.workdir, step)
+    differ = {
+        k: (v, run.meta["model"].get(k))
+        for k, v in saved["model"].items()
+        if run.meta["model"].get(k) != v
+    }
+    if differ:
+        raise TrainingError(
+            f"{run.workdir} holds checkpoint {step} of a different model "
+            f"(field: (saved, now)) {differ}; use a new workdir"
+        )
+
+
+def create_or_restore(run: Run, optimizer) -> tuple[train_lib.TrainState, Any]:
+    """A fresh sharded state, or the latest checkpoint restored into the same shardings."""
+    _check_resumable(run)
+    state, shardings = train_lib.create_train_state(
+        jax.random.key(run.config.seed), run.model, optimizer, _example_batch(run.config), run.mesh
+    )
+    step = run.checkpointer.latest_step()
+    if step is not None:
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )
+        state = run.checkpointer.restore(abstract, run.train_iter, step)
+        logging.info("Resumed from step %d in %s", step, run.workdir)
+    return state, shardings
+
+
+class _Preemption:
+    """Turns SIGTERM (a cloud preemption notice) into a flag the loop checks every step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logging.warning("SIGTERM: saving a checkpoint before exiting")
+        self.requested = True
+
+    def due(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every host must agree on the step it stops at
+            return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+        return self.requested
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _summaries(metrics: dict[str, Any], seconds: float, steps: int) -> dict[str, float]:
+    """Summed device metrics over `steps` steps -> per-token loss, accuracy, ppl, tokens/s."""
+    m = {k: float(np.sum(v)) for k, v in jax.device_get(metrics).items()}
+    tokens = max(m["tokens"], 1.0)
+    return {
+        "loss": m["loss"] / tokens,
+        "nll": m["nll"] / tokens,
+        "perplexity": float(np.exp(min(m["nll"] / tokens, 50.0))),
+        "accuracy": m["correct"] / tokens,
+        "grad_norm": m["grad_norm"] / steps,
+        "learning_rate": m["learning_rate"] / steps,
+        "tokens_per_second": m["tokens"] / max(seconds, 1e-9),
+    }
+
+
+class MetricWriter:
+    """Process 0 writes TensorBoard event files and metrics.jsonl (one line per record)."""
+
+    def __init__(self, workdir: epath.Path) -> None:
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+            self.jsonl = (workdir / "metrics.jsonl").open("a")
+
+    def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        numbers = {k: v for k, v in values.items() if isinstance(v, int | float)}
+        for k, v in numbers.items():
+            self.tensorboard.add_scalar(f"{split}/{k}", v, step)
+        self.tensorboard.flush()
+        self.jsonl.write(json.dumps({"step": step, "split": split, **numbers}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+            self.jsonl.close()
+
+
+def evaluate_split(run: Run, params: Any, split: str, *, decode_sentences: int) -> dict[str, Any]:
+    """Validation loss / perplexity on `split`, and BLEU etc. of the first sentences decoded."""
+    config = run.config
+    batches = eval_dataset(
+        run.data.source(split),
+        run.tokenizer,
+        batch_size=config.eval_batch_size,
+        max_source_len=config.max_source_len,
+        max_target_len=config.max_target_len,
+    )
+    eval_step = jax.jit(lambda p, b: train_lib.eval_step(p, b, model=run.model))
+    totals = {"nll": 0.0, "tokens": 0.0, "correct": 0.0}
+    for batch in batches:
+        m = jax.device_get(eval_step(params, {k: v for k, v in batch.items() if k != "index"}))
+        totals = {k: totals[k] + float(m[k]) for k in totals}
+    tokens = max(totals["tokens"], 1.0)
+    result = {
+        "nll": totals["nll"] / tokens,
+        "perplexity": float(np.exp(min(totals["nll"] / tokens, 50.0))),
+        "accuracy": totals["correct"] / tokens,
+    }
+    if decode_sentences:
+        n_batches = -(-decode_sentences // config.eval_batch_size)
+        chosen = [batches[i] for i in range(min(n_batches, len(batches)))]
+        hyps = evaluate.translate_batches(
+            run.model,
+            params,
+            chosen,
+            run.tokenizer,
+            max_decode_len=config.max_target_len,
+            beam_size=config.eval_beam_size,
+            alpha=config.eval_alpha,
+        )
+        source = run.data.source(split)
+        refs = [source[i]["target"] for i in sorted(hyps)]
+        result.update(evaluate.scores([hyps[i] for i in sorted(hyps)], refs))
+    return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train per `config` in `workdir`, resuming if it holds checkpoints; returns final metrics."""
+    sharding.initialize_distributed()
+    run = setup(config, workdir)
+    schedule = train_lib.rsqrt_schedule(config.learning_rate, config.warmup_steps)
+    optimizer = train_lib.make_optimizer(
+        config.learning_rate, config.warmup_steps, config.clip_norm, config.weight_decay
+    )
+    state, shardings = create_or_restore(run, optimizer)
+    step_fn = train_lib.jit_train_step(
+        run.model,
+        optimizer,
+        shardings,
+        run.mesh,
+        label_smoothing=config.label_smoothing,
+        accum_steps=config.accum_steps,
+        learning_rate=schedule,
+    )
+    try:
+        return _loop(run, state, step_fn)
+    finally:
+        run.checkpointer.close()
+
+
+def _save(run: Run, state: Any, step: int, bleu: float | None = None) -> None:
+    run.checkpointer.save(
+        step, state, run.train_iter, run.meta, run.tokenizer.model_proto, bleu=bleu
+    )
+    # Orbax finishes the previous async save before starting this one, so by this line every
+    # earlier checkpoint is committed.
+    logging.info("Checkpoint %d: saving in the background", step)
+
+
+def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
+    """Steps until config.num_train_steps, with logging, evaluation and checkpoints."""
+    config = run.config
+    writer = MetricWriter(run.workdir)
+    preemption = _Preemption()
+    rng = jax.random.key(config.seed + 1)
+    start = int(state.step)
+    pending: list[Any] = []
+    tick = time.perf_counter()
+    bar = tqdm(
+        total=config.num_train_steps,
+        initial=start,
+        desc="train",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    last_good = run.checkpointer.latest_step()
+    try:
+        for step in range(start + 1, config.num_train_steps + 1):
+            batch = sharding.place_batch(next(run.train_iter), run.mesh)
+            state, metrics = step_fn(state, batch, rng)
+            pending.append(metrics)
+            bar.update(1)
+            checkpoint_due = step % config.checkpoint_every == 0 or step == config.num_train_steps
+            if step % config.log_every == 0 or checkpoint_due:
+                summary = _summaries(
+                    jax.tree_util.tree_map(lambda *x: jnp.stack(x), *pending),
+                    time.perf_counter() - tick,
+                    len(pending),
+                )
+                pending, tick = [], time.perf_counter()
+                if not np.isfinite(summary["loss"]):
+                    raise TrainingError(
+                        f"loss is {summary['loss']} at step {step}; stopped. The last good "
+                        f"checkpoint (step {last_good}) is kept in {run.workdir}"
+                    )
+                bar.set_postfix(
+                    loss=f"{summary['loss']:.3f}",
+                    lr=f"{summary['learning_rate']:.2e}",
+                    tok_s=f"{summary['tokens_per_second']:.0f}",
+                )
+                writer.write(step, "train", summary)
+            bleu = None
+            if step % config.eval_every == 0 or step == config.num_train_steps:
+                result = evaluate_split(
+                    run,
+                    state.params,
+                    config.eval_split,
+                    decode_sentences=config.eval_decode_sentences,
+                )
+                logging.info("step %d %s: %s", step, config.eval_split, result)
+                writer.write(step, config.eval_split, result)
+                bleu = result.get("bleu")
+            if checkpoint_due or bleu is not None:
+                _save(run, state, step, bleu)
+                last_good = step
+            if preemption.due(step):
+                if last_good != step:
+                    _save(run, state, step)
+                run.checkpointer.wait()
+                logging.warning("Saved step %d after SIGTERM; exiting", step)
+                return {"preempted_at": step}
+        run.checkpointer.wait()
+        return _final(run, state.params)
+    finally:
+        bar.close()
+        preemption.restore()
+        writer.close()
+
+
+def _final(run: Run, params: Any) -> dict[str, Any]:
+    """Score the final model on config.test_split (every sentence decoded) and print it."""
+    config = run.config
+    size = run.data.split_sizes[config.test_split]
+    result = evaluate_split(run, params, config.test_split, decode_sentences=size)
+    print(
+        f"{config.test_split}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  "
+        f"exact match {result['exact_match']:.2f}%  ({result['signature']})",
+        flush=True,
+    )
+    return result

@@ -1,0 +1,174 @@
+"""Translator: a restored checkpoint plus its tokenizer, translating and scoring text.
+
+Requests are bucketed so that a long-running translator compiles a handful of programs: the
+batch is padded up to a power of two (at most `max_batch`) and the source length up to a
+multiple of `LENGTH_BUCKET`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from tfjax import checkpoint, generate
+from tfjax.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from tfjax.model import Transformer, TransformerConfig
+
+LENGTH_BUCKET = 16  # source lengths are padded up to a multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class Translation:
+    """One output sentence with its step-by-step probabilities."""
+
+    text: str
+    pieces: list[str]  # the chosen tokens (sentencepiece pieces), eos included
+    log_probs: list[float]  # log p of each chosen piece
+    score: float  # sum of log_probs (beam search: also length-penalised in `penalised`)
+    penalised: float | None  # beam search's length-penalised score; None for greedy
+    alternatives: list[list[tuple[str, float]]]  # per step: top-k (piece, probability)
+
+
+def _bucket(n: int, limit: int) -> int:
+    """The smallest power of two >= n, capped at limit."""
+    return min(1 << max(n - 1, 0).bit_length(), limit)
+
+
+class Translator:
+    """Translate and score with a model's parameters and tokenizer."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        params: Any,
+        tokenizer: Tokenizer,
+        *,
+        max_decode_len: int = 128,
+        max_batch: int = 32,
+    ) -> None:
+        self.config = config
+        self.model = Transformer(config)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.max_decode_len = min(max_decode_len, config.max_len)
+        self.max_batch = max_batch
+
+    @classmethod
+    def from_workdir(
+        cls, workdir: str | Path, step: int | None = None, *, best: bool = False, **kwargs: Any
+    ) -> Translator:
+        """Restore the latest (or `step`, or the best-BLEU) checkpoint of a training workdir."""
+        config, params, tokenizer_bytes, _ = checkpoint.restore_for_inference(
+            workdir, step, best=best
+        )
+        return cls(config, params, Tokenizer(tokenizer_bytes), **kwargs)
+
+    def _encode(self, sentences: Sequence[str]) -> list[np.ndarray]:
+        """Texts -> ids, refusing empty ones and truncating (with a warning) over-long ones."""
+        if isinstance(sentences, str):
+            raise TypeError("translate() takes a list of sentences, not one string")
+        for i, s in enumerate(sentences):
+            if not s.strip():
+                raise ValueError(f"sentence {i} is empty")
+        limit = self.config.max_len
+        out = []
+        for i, ids in enumerate(self.tokenizer.encode_batch(list(sentences))):
+            if len(ids) > limit:
+                logging.warning("sentence %d has %d tokens; truncated to %d", i, len(ids), limit)
+                ids = np.concatenate([ids[: limit - 1], [EOS_ID]]).astype(np.int32)
+            if UNK_ID in ids:
+                logging.warning("sentence %d has characters outside the vocabulary", i)
+            out.append(ids)
+        return out
+
+    def _batches(self, ids: list[np.ndarray]):
+        """Yields (row indices, inputs [bucketed batch, bucketed length])."""
+        for start in range(0, len(ids), self.max_batch):
+            chunk = ids[start : start + self.max_batch]
+            longest = max(len(x) for x in chunk)
+            length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.config.max_len)
+            inputs = np.full((_bucket(len(chunk), self.max_batch), length), PAD_ID, np.int32)
+            for row, x in enumerate(chunk):
+                inputs[row, : len(x)] = x
+            yield range(start, start + len(chunk)), inputs
+
+    def translate(
+        self,
+        sentences: Sequence[str],
+        *,
+        beam_size: int = 1,
+        alpha: float = 0.6,
+        num_top: int = 0,
+    ) -> list[Translation]:
+        """Translate sentences (greedy when beam_size == 1); num_top alternatives per step."""
+        results: list[Translation] = []
+        for rows, inputs in self._batches(self._encode(sentences)):
+            out = self._decode(inputs, beam_size, alpha, num_top)
+            results.extend(self._translation(out, r, beam_size > 1) for r in range(len(rows)))
+        return results
+
+    def _decode(self, inputs: np.ndarray, beam_size: int, alpha: float, num_top: int) -> Any:
+        common = dict(
+            max_decode_len=self.max_decode_len,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            num_top=num_top,
+        )
+        if beam_size == 1:
+            return jax.device_get(
+                generate.translate_greedy(self.model, self.params, inputs, **common)
+            )
+        out = generate.translate_beam(
+            self.model, self.params, inputs, beam_size=beam_size, alpha=alpha, **common
+        )
+        # Keep each sentence's best hypothesis: [B, beam, ...] -> [B, ...].
+        return jax.device_get(jax.tree_util.tree_map(lambda x: x[:, 0], out))
+
+    def _translation(self, out: Any, row: int, beam: bool) -> Translation:
+        length = int(out.lengths[row])
+        ids = [int(i) for i in out.tokens[row, :length]]
+        alternatives = [
+            [(self.tokenizer.piece(int(i)), float(p)) for i, p in zip(ids_t, probs_t, strict=True)]
+            for ids_t, probs_t in zip(
+                out.top_ids[row, :length], out.top_probs[row, :length], strict=True
+            )
+        ]
+        log_probs = [float(x) for x in out.token_log_probs[row, :length]]
+        return Translation(
+            text=self.tokenizer.decode(ids),
+            pieces=[self.tokenizer.piece(i) for i in ids],
+            log_probs=log_probs,
+            score=float(np.sum(log_probs)),
+            penalised=float(out.scores[row]) if beam else None,
+            alternatives=alternatives,
+        )
+
+    def score(
+        self, sources: Sequence[str], targets: Sequence[str]
+    ) -> list[list[tuple[str, float]]]:
+        """Teacher-forced (piece, log-probability) of each target token, eos included."""
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        source_ids, target_ids = self._encode(sources), self._encode(targets)
+        results = []
+        for rows, inputs in self._batches(source_ids):
+            chunk = [target_ids[r] for r in rows]
+            width = -(-max(len(t) for t in chunk) // LENGTH_BUCKET) * LENGTH_BUCKET
+            tgt = np.full((inputs.shape[0], min(width, self.config.max_len)), PAD_ID, np.int32)
+            for row, t in enumerate(chunk):
+                tgt[row, : len(t)] = t[: tgt.shape[1]]
+            log_probs = np.asarray(
+                generate.score(self.model, self.params, inputs, tgt, bos_id=BOS_ID, pad_id=PAD_ID)
+            )
+            for row, t in enumerate(chunk):
+                n = min(len(t), tgt.shape[1])
+                pieces = [self.tokenizer.piece(int(i)) for i in t[:n]]
+                results.append(list(zip(pieces, log_probs[row, :n].tolist(), strict=True)))
+        return results
