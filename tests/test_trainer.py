@@ -1,5 +1,6 @@
 """train.py end to end on a tiny corpus: exact resume after SIGKILL, SIGTERM, bad input."""
 
+import re
 import signal
 import subprocess
 
@@ -124,3 +125,22 @@ def test_missing_checkpoint_is_reported(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="training workdir"):
         checkpoint.restore_for_inference(tmp_path)
     assert jax.devices()  # the error path needs no device work
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    workdir = tmp_path / "diverged"
+    # An absurd learning rate overflows the parameters within a few steps.
+    out = subprocess.run(
+        train_command(
+            workdir, corpus, "--config.learning_rate=1e30", "--config.checkpoint_every=1"
+        ),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0
+    found = re.search(r"loss is (nan|inf) at step (\d+)", out.stderr)
+    assert found, out.stderr[-2000:]
+    bad = int(found.group(2))
+    assert all(np.isfinite(loss) for loss in train_losses(workdir).values())
+    saved = checkpoint.Checkpointer(workdir, async_saves=False).latest_step()
+    assert saved is None or saved < bad  # the diverged state was never saved
