@@ -21,27 +21,41 @@ VOCAB, PAD, EOS, BOS = 32, 0, 1, 2
 BATCH, SOURCE_LEN, MAX_LEN, NUM_TOP = 5, 7, 10, 3
 # Close enough for float32 paths that differ only in summation order (measured: ~2e-6).
 ATOL = 2e-5
+SEED, EOS_BIAS = 4, 2.0  # picked by a sweep for varied greedy lengths
+
+
+def draw_params(model: Transformer, rng: np.random.Generator) -> dict:
+    """Parameters drawn in NumPy: kernels, embeddings ~ N(0, 1 / d_model), LayerNorms identity.
+
+    Compiling `model.init` takes about 8 s on CPU, a tenth of this module's budget.
+    Randomly initialised decoders also tend to repeat one token forever, as the token fed in
+    dominates the residual stream: large learned positions and a sharp output make the next
+    token depend on the step, and an eos bias ends some rows early and others not at all.
+    """
+    dummy = jnp.ones((1, SOURCE_LEN), jnp.int32)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), dummy, dummy)["params"])
+    d_model = model.config.d_model
+
+    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name = path[-1].key
+        if name in ("scale", "bias"):
+            return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, jnp.float32)
+        std = {"position_embedding": 2.0, "logits_kernel": 2.0 / d_model**0.5}
+        return jnp.asarray(rng.normal(size=leaf.shape) * std.get(name, d_model**-0.5), jnp.float32)
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
+    params["decoder"]["logits_bias"] = jnp.zeros(VOCAB).at[EOS].set(EOS_BIAS)
+    return params
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny model whose greedy rows end at varied lengths, and a padded source batch.
-
-    Randomly initialised decoders tend to repeat one token forever: the token fed in dominates
-    the residual stream. Larger learned decoder positions and a sharper untied output make the
-    next token depend on the step, and an eos bias ends some rows early and others not at all.
-    """
+    """A tiny model whose greedy rows end at varied lengths, and a padded source batch."""
     model = Transformer(
         preset("tiny", vocab_size=VOCAB, tie_output=False, output_bias=True, positions="learned")
     )
-    dummy = jnp.ones((1, SOURCE_LEN), jnp.int32)
-    params = nn.unbox(model.init(jax.random.key(0), dummy, dummy)["params"])
-    rng = np.random.default_rng(0)
-    decoder = params["decoder"]
-    table = decoder["embedder"]["position_embedding"]
-    decoder["embedder"]["position_embedding"] = jnp.asarray(2 * rng.normal(size=table.shape))
-    decoder["logits_kernel"] = 2 * decoder["logits_kernel"]
-    decoder["logits_bias"] = jnp.zeros(VOCAB).at[EOS].set(3.0)
+    rng = np.random.default_rng(SEED)
+    params = draw_params(model, rng)
     inputs = rng.integers(3, VOCAB, size=(BATCH, SOURCE_LEN))
     inputs[1, 4:] = PAD
     inputs[3, 2:] = PAD
@@ -98,38 +112,40 @@ def ref_rows(tiny, choose, processor=None):
     return prefixes
 
 
-def assert_history(tiny, sentence, tokens, token_log_probs, top_ids, top_probs, processor=None):
+def assert_histories(tiny, sentences, tokens, token_log_probs, top_ids, top_probs, processor=None):
     """Each step's token log-prob and top alternatives equal the full-forward softmax.
 
-    Returns the largest absolute difference seen.
+    Rows are hypotheses of `sentences` [R]: tokens, token_log_probs [R, MAX_LEN], top_ids,
+    top_probs [R, MAX_LEN, NUM_TOP]. One teacher-forced pass over bos + tokens re-scores them
+    all; by causality (pinned in test_model.py) position i sees only the prefix tokens[:i].
     """
-    tokens = [int(t) for t in tokens]
-    length = tokens.index(EOS) + 1 if EOS in tokens else len(tokens)
-    worst = 0.0
-    for i in range(length):
-        logits = next_logits(tiny, [sentence], [tuple(tokens[:i])])
-        if processor is not None:
-            logits = processor(logits, i)
-        log_probs = log_softmax(logits)[0]
-        np.testing.assert_allclose(token_log_probs[i], log_probs[tokens[i]], atol=ATOL)
-        expected_ids = np.argsort(-log_probs, kind="stable")[: top_ids.shape[-1]]
-        np.testing.assert_array_equal(top_ids[i], expected_ids)
-        np.testing.assert_allclose(top_probs[i], np.exp(log_probs[expected_ids]), atol=ATOL)
-        worst = max(worst, abs(token_log_probs[i] - log_probs[tokens[i]]))
-    assert np.all(np.asarray(tokens[length:]) == PAD) and np.all(token_log_probs[length:] == 0)
-    assert np.all(top_ids[length:] == PAD) and np.all(top_probs[length:] == 0)
-    return worst
+    _, _, inputs, forward = tiny
+    dec = np.concatenate([np.full((len(tokens), 1), BOS), tokens[:, :-1]], axis=1)
+    logits = np.asarray(forward(inputs[np.asarray(sentences)], jnp.asarray(dec, jnp.int32)))
+    if processor is not None:
+        logits = np.stack([processor(logits[:, i], i) for i in range(MAX_LEN)], axis=1)
+    log_probs = log_softmax(logits)  # [R, MAX_LEN, V]
+    is_eos = tokens == EOS
+    lengths = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, MAX_LEN)  # [R]
+    live = np.arange(MAX_LEN) < lengths[:, None]  # [R, MAX_LEN]
+    picked = np.take_along_axis(log_probs, tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(token_log_probs, np.where(live, picked, 0), atol=ATOL)
+    expected_ids = np.argsort(-log_probs, axis=-1, kind="stable")[..., : top_ids.shape[-1]]
+    expected_probs = np.exp(np.take_along_axis(log_probs, expected_ids, -1))
+    np.testing.assert_array_equal(top_ids, np.where(live[..., None], expected_ids, PAD))
+    np.testing.assert_allclose(top_probs, np.where(live[..., None], expected_probs, 0), atol=ATOL)
+    assert np.all(tokens[~live] == PAD)
 
 
 def assert_rows_match(tiny, out, prefixes, processor=None):
     """A DecodeOutput equals the reference prefixes, with per-step records re-scored."""
+    expected = np.full((BATCH, MAX_LEN), PAD)
     for b, prefix in enumerate(prefixes):
-        expected = np.full(MAX_LEN, PAD)
-        expected[: len(prefix)] = prefix
-        np.testing.assert_array_equal(out.tokens[b], expected)
-        assert out.lengths[b] == len(prefix)
-        args = (out.tokens[b], out.token_log_probs[b], out.top_ids[b], out.top_probs[b])
-        assert_history(tiny, b, *args, processor=processor)
+        expected[b, : len(prefix)] = prefix
+    np.testing.assert_array_equal(out.tokens, expected)
+    np.testing.assert_array_equal(out.lengths, [len(p) for p in prefixes])
+    records = (out.tokens, out.token_log_probs, out.top_ids, out.top_probs)
+    assert_histories(tiny, np.arange(BATCH), *records, processor=processor)
     np.testing.assert_allclose(out.score, out.token_log_probs.sum(-1), rtol=1e-6)
 
 
@@ -140,8 +156,7 @@ def test_greedy_matches_full_forward(tiny, greedy_out):
     assert len(set(greedy_out.lengths.tolist())) >= 3 and MAX_LEN in greedy_out.lengths
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.8, 5, 0.9)])
-def test_sample_matches_full_forward(tiny, temperature, top_k, top_p):
+def test_sample_matches_full_forward(tiny, greedy_out):
     """The draw of step t is categorical(fold_in(rng, t)) over the filtered logits.
 
     decode.filter_logits is pinned against NumPy in test_decode.py; here it is applied to the
@@ -149,14 +164,16 @@ def test_sample_matches_full_forward(tiny, temperature, top_k, top_p):
     """
     model, params, inputs, _ = tiny
     rng = jax.random.key(7)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = dict(temperature=0.8, top_k=5, top_p=0.9)
     out = G.translate_sample(model, params, inputs, rng, num_top=NUM_TOP, **sampling, **KW)
 
     def choose(logits, step):
         filtered = decode.filter_logits(jnp.asarray(logits), **sampling)
         return np.asarray(jax.random.categorical(jax.random.fold_in(rng, step), filtered))
 
-    assert_rows_match(tiny, jax.device_get(out), ref_rows(tiny, choose))
+    out = jax.device_get(out)
+    assert_rows_match(tiny, out, ref_rows(tiny, choose))
+    assert np.any(out.tokens != greedy_out.tokens)  # the draws are not all the argmax
 
 
 def np_ban_and_force(logits: np.ndarray, step: int) -> np.ndarray:
@@ -193,8 +210,9 @@ def test_score_equals_full_forward_prefix_by_prefix(tiny):
     rng = np.random.default_rng(3)
     targets = rng.integers(3, VOCAB, size=(BATCH, MAX_LEN))
     for b, length in enumerate([1, 4, MAX_LEN, 7, 2]):
-        targets[b, length - 1] = EOS if length < MAX_LEN else targets[b, length - 1]
-        targets[b, length:] = PAD
+        if length < MAX_LEN:  # row 2 runs to MAX_LEN without eos
+            targets[b, length - 1] = EOS
+            targets[b, length:] = PAD
     got = np.asarray(G.score(model, params, inputs, jnp.asarray(targets), bos_id=BOS, pad_id=PAD))
     expected = np.zeros((BATCH, MAX_LEN))
     for t in range(MAX_LEN):
@@ -207,11 +225,19 @@ def test_score_equals_full_forward_prefix_by_prefix(tiny):
 
 
 def test_score_gives_back_greedy_log_probs(tiny, greedy_out):
+    """Equal wherever the token is not pad_id, which `score` takes for padding and scores 0.
+
+    Greedy does not ban pad unless told to, and this model emits it mid-sentence (row 1),
+    so that row's score is short by exactly that token's log-prob.
+    """
     model, params, inputs, _ = tiny
-    tokens = jnp.asarray(greedy_out.tokens)
-    got = G.score(model, params, inputs, tokens, bos_id=BOS, pad_id=PAD)
-    np.testing.assert_allclose(got, greedy_out.token_log_probs, atol=ATOL)
-    np.testing.assert_allclose(np.asarray(got).sum(-1), greedy_out.score, atol=ATOL)
+    tokens = greedy_out.tokens
+    got = np.asarray(G.score(model, params, inputs, jnp.asarray(tokens), bos_id=BOS, pad_id=PAD))
+    inside = np.arange(MAX_LEN) < greedy_out.lengths[:, None]
+    assert np.any(inside & (tokens == PAD))  # the case the docstring describes does occur
+    expected = np.where(tokens == PAD, 0.0, greedy_out.token_log_probs)
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+    np.testing.assert_allclose(got.sum(-1), expected.sum(-1), atol=ATOL)
 
 
 def penalised(log_prob_sum: float, length: int, alpha: float, style: str) -> float:
@@ -248,10 +274,10 @@ def ref_beam(tiny, beam, alpha, style):
     return finished
 
 
-@pytest.mark.parametrize("alpha, style", [(0.6, "gnmt"), (1.0, "plain")])
-def test_beam_matches_full_forward_beam_search(tiny, greedy_out, alpha, style):
+def test_beam_matches_full_forward_beam_search(tiny, greedy_out):
+    """n-best lists, scores and per-step records; "plain" penalties are pinned against HF below."""
     model, params, inputs, _ = tiny
-    beam = 4
+    beam, alpha, style = 4, 0.6, "gnmt"
     out = G.translate_beam(
         model,
         params,
@@ -270,8 +296,10 @@ def test_beam_matches_full_forward_beam_search(tiny, greedy_out, alpha, style):
             assert out.lengths[b, k] == len(seq)
             np.testing.assert_allclose(out.scores[b, k], score, atol=ATOL)
             np.testing.assert_allclose(out.log_prob_sums[b, k], total, atol=ATOL)
-            history = (out.token_log_probs, out.top_ids, out.top_probs)
-            assert_history(tiny, b, out.tokens[b, k], *(h[b, k] for h in history))
+    records = (out.tokens, out.token_log_probs, out.top_ids, out.top_probs)
+    # [B, beam, ...] -> [B * beam, ...]
+    flat = [r.reshape(BATCH * beam, *r.shape[2:]) for r in records]
+    assert_histories(tiny, np.repeat(np.arange(BATCH), beam), *flat)
     greedy = penalised(greedy_out.score, greedy_out.lengths, alpha, style)
     assert np.all(out.scores[:, 0] >= greedy - ATOL)
     assert np.any(out.scores[:, 0] > greedy + 1e-3)  # the beam finds something greedy missed

@@ -29,10 +29,10 @@ def ban_tokens(ids: Sequence[int]) -> LogitsProcessor:
     Unlike here, Hugging Face beam search bans on log-probabilities without renormalising,
     so its beam scores differ from ours by log(1 - p(banned)) per step.
     """
-    banned = jnp.asarray(tuple(ids), jnp.int32)
+    banned = tuple(ids)  # a tuple, so that making a processor allocates no device array
 
     def processor(logits: jax.Array, step: jax.Array) -> jax.Array:
-        return logits.at[:, banned].set(-jnp.inf)
+        return logits.at[:, jnp.asarray(banned, jnp.int32)].set(-jnp.inf)
 
     return processor
 
@@ -96,10 +96,10 @@ def _tokens_to_logits(
     return tokens_to_logits
 
 
-_COMMON = ("model", "max_decode_len", "bos_id", "eos_id", "pad_id", "num_top", "logits_processor")
+_STATIC = ("model", "max_decode_len", "bos_id", "eos_id", "pad_id", "num_top", "logits_processor")
 
 
-@functools.partial(jax.jit, static_argnames=_COMMON)
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def translate_greedy(
     model: Transformer,
     params: Params,
@@ -139,7 +139,7 @@ def translate_greedy(
     )
 
 
-@functools.partial(jax.jit, static_argnames=(*_COMMON, "temperature", "top_k", "top_p"))
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "temperature", "top_k", "top_p"))
 def translate_sample(
     model: Transformer,
     params: Params,
@@ -178,7 +178,7 @@ def translate_sample(
     )
 
 
-@functools.partial(jax.jit, static_argnames=(*_COMMON, "beam_size", "alpha", "length_penalty"))
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "beam_size", "alpha", "length_penalty"))
 def translate_beam(
     model: Transformer,
     params: Params,
@@ -236,7 +236,9 @@ def score(
       inputs: [B, S] int source ids.
       targets: [B, T] int target ids, eos included, pad_id after the end.
       bos_id: the decoder's start id; the decoder sees bos + targets[:, :-1].
-      pad_id: target padding, scored 0.
+      pad_id: target padding, scored 0 wherever it occurs. The decoders treat pad_id as an
+        ordinary token, so to re-score their outputs exactly, decode with
+        `ban_tokens([pad_id])` (Marian's setting) and pass the same processor here.
       logits_processor: applied at every position t as at decode step t, so scoring a
         decoder's output with its processor gives back its token log-probabilities.
 
