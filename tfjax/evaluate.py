@@ -13,6 +13,11 @@ from tfjax import generate
 from tfjax.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from tfjax.model import Transformer
 
+# Pad and bos are never a correct next token; banning them (and renormalising) keeps decoded
+# outputs re-scorable by `generate.score`, which reads pad as the end of a target. One object,
+# so the jitted decoders see the same static argument every call.
+NEVER_EMIT = generate.ban_tokens((PAD_ID, BOS_ID))
+
 
 def _best_tokens(
     model: Transformer,
@@ -23,7 +28,13 @@ def _best_tokens(
     alpha: float,
 ) -> np.ndarray:
     """The best translation's ids [B, max_decode_len] of a source batch [B, S]."""
-    common = dict(max_decode_len=max_decode_len, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
+    common = dict(
+        max_decode_len=max_decode_len,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        logits_processor=NEVER_EMIT,
+    )
     if beam == 1:
         return np.asarray(generate.translate_greedy(model, params, inputs, **common).tokens)
     out = generate.translate_beam(model, params, inputs, beam_size=beam, alpha=alpha, **common)

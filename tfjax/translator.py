@@ -18,6 +18,7 @@ from absl import logging
 
 from tfjax import checkpoint, generate
 from tfjax.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from tfjax.evaluate import NEVER_EMIT
 from tfjax.model import Transformer, TransformerConfig
 
 LENGTH_BUCKET = 16  # source lengths are padded up to a multiple of this
@@ -120,6 +121,7 @@ class Translator:
             eos_id=EOS_ID,
             pad_id=PAD_ID,
             num_top=num_top,
+            logits_processor=NEVER_EMIT,
         )
         if beam_size == 1:
             return jax.device_get(
@@ -165,7 +167,15 @@ class Translator:
             for row, t in enumerate(chunk):
                 tgt[row, : len(t)] = t[: tgt.shape[1]]
             log_probs = np.asarray(
-                generate.score(self.model, self.params, inputs, tgt, bos_id=BOS_ID, pad_id=PAD_ID)
+                generate.score(
+                    self.model,
+                    self.params,
+                    inputs,
+                    tgt,
+                    bos_id=BOS_ID,
+                    pad_id=PAD_ID,
+                    logits_processor=NEVER_EMIT,
+                )
             )
             for row, t in enumerate(chunk):
                 n = min(len(t), tgt.shape[1])

@@ -126,7 +126,7 @@ def params_from_state_dict(sd: dict[str, np.ndarray], cfg: TransformerConfig) ->
         },
     }
     if cfg.share_embeddings:
-        params["shared_embedding"] = {"embedding": sd["model.shared.weight"]}
+        params["shared_embedding"] = {"embedding": sd["model.encoder.embed_tokens.weight"]}
     else:
         params["source_embedding"] = {"embedding": sd["model.encoder.embed_tokens.weight"]}
         params["target_embedding"] = {"embedding": sd["model.decoder.embed_tokens.weight"]}
@@ -136,10 +136,27 @@ def params_from_state_dict(sd: dict[str, np.ndarray], cfg: TransformerConfig) ->
     return params
 
 
+def _tying(sd: dict[str, np.ndarray]) -> dict[str, bool]:
+    """Which tables really are one, read from the weights.
+
+    The config's flags are not enough: with transformers 5, share_encoder_decoder_embeddings
+    with tie_word_embeddings=False leaves encoder, decoder and output tables separate.
+    """
+    encoder, decoder = (
+        sd["model.encoder.embed_tokens.weight"],
+        sd["model.decoder.embed_tokens.weight"],
+    )
+    shared = encoder.shape == decoder.shape and np.array_equal(encoder, decoder)
+    return dict(share_embeddings=shared, tie_output=np.array_equal(sd["lm_head.weight"], decoder))
+
+
 def from_marian(model: Any, **overrides: Any) -> MarianImport:
     """Convert an in-memory transformers `MarianMTModel` (torch)."""
-    cfg = config_from_marian(model.config, **overrides)
     sd = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
+    tying = _tying(sd)
+    if not tying["share_embeddings"]:
+        tying["target_vocab_size"] = sd["model.decoder.embed_tokens.weight"].shape[0]
+    cfg = config_from_marian(model.config, **{**tying, **overrides})
     hf = model.config
     eos = hf.eos_token_id if isinstance(hf.eos_token_id, int) else hf.eos_token_id[0]
     return MarianImport(
