@@ -52,8 +52,8 @@ def corpus(tmp_path_factory) -> Path:
 def train_command(workdir: Path, corpus: Path, *extra: str, steps: int = STEPS) -> list[str]:
     return [
         sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/default.py"),
-        f"--workdir={workdir}", f"--config.dataset={corpus}", "--config.source_lang=de",
-        "--config.target_lang=en", f"--config.data_dir={corpus.parent / 'tfds'}",
+        f"--workdir={workdir}", "--config.dataset=folder", "--config.source_lang=de",
+        "--config.target_lang=en", f"--config.data_dir={corpus}",
         f"--config.num_train_steps={steps}", "--config.test_split=test", *TINY, *extra,
     ]  # fmt: skip
 

@@ -81,7 +81,8 @@ def test_sigterm_saves_before_exit(corpus, tmp_path):
     [
         (["--config.no_such_key=1"], "no_such_key"),
         (["--config.batch_size=eight"], "batch_size"),
-        (["--config.dataset=/nonexistent/corpus"], "/nonexistent/corpus"),
+        (["--config.data_dir=/nonexistent/corpus"], "/nonexistent/corpus"),
+        (["--config.data_dir="], "needs --config.data_dir"),
     ],
 )
 def test_bad_input_is_refused_clearly(corpus, tmp_path, extra, message):

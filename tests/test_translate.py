@@ -64,6 +64,10 @@ def test_bad_input_is_refused(translator):
         translator.translate("ein mann")
     long = " ".join(["mann"] * 200)  # longer than max_len: truncated with a warning
     assert translator.translate([long])[0].text
+    # Characters the corpus never had are spelled as bytes, not <unk>, and still translate.
+    unseen = translator.tokenizer.encode("ein 猫 mann ☃")
+    assert 1 not in unseen.tolist()  # unk id
+    assert translator.translate(["ein 猫 mann ☃"])[0].pieces
 
 
 def test_cli_translate_shows_probabilities(uninterrupted):

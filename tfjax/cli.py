@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 
+import ml_collections
+from etils import epath
 from tqdm import tqdm
 
 from tfjax import checkpoint
@@ -35,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="translate a split and score it")
     restore_args(evaluate)
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--data_dir", default=None, help="override the training data_dir")
+    evaluate.add_argument("--data_dir", default=None, help="where the data is now, if it moved")
     return parser
 
 
@@ -81,18 +83,12 @@ def _translate(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from tfjax import evaluate
-    from tfjax.data import prepare
+    from tfjax import evaluate, trainer
 
-    meta = checkpoint.read_meta(args.workdir, args.step)
-    train = meta["train"]
-    data = prepare(
-        train["dataset"],
-        source_lang=train["source_lang"],
-        target_lang=train["target_lang"],
-        data_dir=args.data_dir or train["data_dir"] or f"{args.workdir}/data",
-    )
-    source = data.source(args.split)
+    train = ml_collections.ConfigDict(checkpoint.read_meta(args.workdir, args.step)["train"])
+    if args.data_dir:
+        train.data_dir = args.data_dir
+    source = trainer.prepare_data(train, epath.Path(args.workdir)).source(args.split)
     translator = Translator.from_workdir(
         args.workdir, args.step, best=args.best, max_batch=args.batch
     )

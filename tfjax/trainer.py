@@ -67,17 +67,29 @@ class Run:
     meta: dict[str, Any]
 
 
+def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> TranslationData:
+    """The dataset a config names, in its direction.
+
+    "synthetic" and "folder" (the text files in config.data_dir) are built as array_record
+    TFDS datasets under <workdir>/data; a TFDS name is read from config.data_dir (TFDS's
+    default data directory when empty).
+    """
+    built = str(workdir / "data")
+    common = dict(source_lang=config.source_lang, target_lang=config.target_lang)
+    if config.dataset == "folder":
+        if not config.data_dir:
+            raise TrainingError("dataset='folder' needs --config.data_dir=<folder of text files>")
+        return prepare(config.data_dir, data_dir=built, **common)
+    if config.dataset == "synthetic":
+        return prepare("synthetic", data_dir=built, **common)
+    return prepare(config.dataset, data_dir=config.data_dir or None, **common)
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Prepare data and tokenizer, the mesh, the model and the data iterator."""
     root = epath.Path(workdir)
     _check_workdir(root)
-    data_dir = config.data_dir or str(root / "data")
-    data = prepare(
-        config.dataset,
-        source_lang=config.source_lang,
-        target_lang=config.target_lang,
-        data_dir=data_dir,
-    )
+    data = prepare_data(config, root)
     tokenizer = load_or_train_tokenizer(
         root / "spm.model", data.source("train"), vocab_size=config.vocab_size
     )
