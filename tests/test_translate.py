@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import STEPS
@@ -102,3 +103,17 @@ def test_named_and_latest_checkpoints(uninterrupted):
     assert checkpoint.read_meta(uninterrupted)["train"]["num_train_steps"] == STEPS
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint step 3"):
         Translator.from_workdir(uninterrupted, step=3)
+
+
+def test_checkpoint_averaging(uninterrupted, tmp_path):
+    out = _cli("average", "--workdir", str(uninterrupted), "--last", "2", "--output", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    steps = sorted(checkpoint.Checkpointer(uninterrupted, async_saves=False).latest.all_steps())
+    a, b = (checkpoint.restore_for_inference(uninterrupted, s)[1] for s in steps[-2:])
+    config, averaged, tokenizer, meta = checkpoint.restore_for_inference(tmp_path)
+    assert meta["averaged_steps"] == steps[-2:]
+    for x, y, mean in zip(*(jax.tree_util.tree_leaves(t) for t in (a, b, averaged)), strict=True):
+        np.testing.assert_allclose(mean, (np.asarray(x) + np.asarray(y)) / 2, rtol=1e-6, atol=1e-7)
+    assert Translator.from_workdir(tmp_path).translate(["ein mann"])[0].pieces
+    with pytest.raises(checkpoint.CheckpointError, match="asked to average 9"):
+        checkpoint.average_checkpoints(uninterrupted, tmp_path / "x", 9)

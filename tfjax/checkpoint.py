@@ -201,3 +201,40 @@ def restore_for_inference(
     config = config_from_json(meta["model"])
     tokenizer = np.asarray(restored.assets["tokenizer"]).tobytes()
     return config, restored.state["params"], tokenizer, meta
+
+
+def average_checkpoints(workdir: str | Path, output: str | Path, last: int) -> list[int]:
+    """Average the parameters of the last `last` checkpoints into `<output>/checkpoints/<step>`.
+
+    As fairseq's checkpoint averaging: an element-wise mean of the parameters, written as a
+    checkpoint (parameters, meta, tokenizer) that `restore_for_inference` and the Translator
+    read like any other. Returns the averaged steps.
+    """
+    manager, _ = _step_dir(epath.Path(workdir) / "checkpoints", None)
+    steps = sorted(manager.all_steps())[-last:]
+    if len(steps) < last:
+        raise CheckpointError(f"asked to average {last} checkpoints; {workdir} has {steps}")
+    total, config = None, None
+    for step in steps:
+        cfg, params, tokenizer, meta = restore_for_inference(workdir, step)
+        if config is not None and cfg != config:
+            raise CheckpointError(f"checkpoint {step} has a different model config")
+        config = cfg
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+        total = params if total is None else jax.tree_util.tree_map(np.add, total, params)
+    dtypes = jax.tree_util.tree_map(lambda x: x.dtype, params)
+    average = jax.tree_util.tree_map(lambda s, d: (s / len(steps)).astype(d), total, dtypes)
+    writer = ocp.CheckpointManager(
+        epath.Path(output) / "checkpoints",
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+    )
+    writer.save(
+        steps[-1],
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": average}),
+            meta=ocp.args.JsonSave({**meta, "averaged_steps": steps}),
+            assets=ocp.args.StandardSave({"tokenizer": np.frombuffer(tokenizer, np.uint8)}),
+        ),
+    )
+    writer.close()
+    return steps

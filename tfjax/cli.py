@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
         "--show-probs", type=int, default=0, metavar="K", help="print top-K per step"
     )
 
+    average = commands.add_parser("average", help="average the last K checkpoints' parameters")
+    average.add_argument("--workdir", required=True, help="a training workdir")
+    average.add_argument("--last", type=int, default=5, help="how many checkpoints (K)")
+    average.add_argument("--output", required=True, help="workdir to write the average to")
+
     evaluate = commands.add_parser("evaluate", help="translate a split and score it")
     restore_args(evaluate)
     evaluate.add_argument("--split", default="test")
@@ -107,11 +112,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def _average(args: argparse.Namespace) -> None:
+    steps = checkpoint.average_checkpoints(args.workdir, args.output, args.last)
+    print(f"averaged steps {steps} into {args.output}/checkpoints/{steps[-1]}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     checkpoint.quiet_library_logs()
     try:
-        {"translate": _translate, "evaluate": _evaluate}[args.command](args)
+        commands = {"translate": _translate, "evaluate": _evaluate, "average": _average}
+        commands[args.command](args)
     except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
