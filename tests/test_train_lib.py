@@ -90,8 +90,9 @@ def test_accumulation_equals_the_full_batch_gradient():
     assert max(jax.tree_util.tree_leaves(diff)) < 1e-6
 
 
-def test_training_reduces_the_loss():
-    model = Transformer(preset("tiny"))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_training_reduces_the_loss(dtype):
+    model = Transformer(preset("tiny", dtype=dtype))  # parameters stay float32 either way
     rng = np.random.default_rng(2)
     batch = _batch(rng)
     optimizer = train_lib.make_optimizer(3e-3, 5, clip_norm=1.0)
@@ -106,6 +107,7 @@ def test_training_reduces_the_loss():
         losses.append(float(metrics["loss"] / metrics["tokens"]))
     assert int(state.step) == 30
     assert losses[-1] < 0.5 * losses[0]
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(state.params))
 
 
 def test_mesh_shape_resolution_and_errors():
