@@ -461,3 +461,54 @@ def test_beam_search_matches_hugging_face_marian(marian, alpha, force_eos):
     scores = theirs.sequences_scores.numpy().reshape(HF_BATCH, beam)
     np.testing.assert_allclose(out.scores, scores, atol=1e-4)
     assert len(set(out.lengths.ravel().tolist())) >= 3
+
+
+BRUTE_VOCAB, BRUTE_LEN = 5, 2
+# Every output of at most 2 tokens: [eos], or [x, anything] for x != eos.
+BRUTE_OUTPUTS = [[EOS]] + [
+    [x, y] for x in range(BRUTE_VOCAB) if x != EOS for y in range(BRUTE_VOCAB)
+]
+
+
+@pytest.fixture(scope="module")
+def brute():
+    """A vocabulary-5 model, two sources, and every output's per-token log-probabilities."""
+    model = Transformer(preset("tiny", vocab_size=BRUTE_VOCAB, tie_output=False, output_bias=True))
+    rng = np.random.default_rng(0)
+    dummy = jnp.ones((1, 4), jnp.int32)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), dummy, dummy)["params"])
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.5, jnp.float32), shapes
+    )
+    inputs = jnp.asarray(rng.integers(3, BRUTE_VOCAB, size=(2, 4)), jnp.int32)
+    # One teacher-forced pass scores all outputs of a source; [eos] is padded to 2 tokens,
+    # which the causal mask hides from its first position.
+    targets = np.asarray([seq + [PAD] * (BRUTE_LEN - len(seq)) for seq in BRUTE_OUTPUTS])
+    decoder_inputs = np.concatenate([np.full((len(targets), 1), BOS), targets[:, :-1]], axis=1)
+    table = []
+    for b in range(2):
+        sources = jnp.repeat(inputs[b : b + 1], len(targets), axis=0)
+        logits = model.apply({"params": params}, sources, jnp.asarray(decoder_inputs))
+        log_probs = np.take_along_axis(
+            np.asarray(jax.nn.log_softmax(logits)), targets[..., None], axis=-1
+        )[..., 0]  # [outputs, 2]
+        table.append([log_probs[i, : len(seq)].sum() for i, seq in enumerate(BRUTE_OUTPUTS)])
+    return model, params, inputs, table
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+def test_wide_beam_on_the_model_finds_the_brute_force_best(brute, alpha):
+    """Vocabulary 5, at most 2 tokens: every hypothesis fits the beam, so nothing is pruned."""
+    model, params, inputs, table = brute
+    beam = G.translate_beam(
+        model, params, inputs, max_decode_len=BRUTE_LEN, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+        beam_size=len(BRUTE_OUTPUTS), alpha=alpha,
+    )  # fmt: skip
+    for b in range(2):
+        score, seq = max(
+            (total / ((5 + len(seq)) / 6) ** alpha, seq)
+            for total, seq in zip(table[b], BRUTE_OUTPUTS, strict=True)
+        )
+        assert list(np.asarray(beam.tokens[b, 0, : len(seq)])) == seq
+        assert int(beam.lengths[b, 0]) == len(seq)
+        assert float(beam.scores[b, 0]) == pytest.approx(score, abs=1e-5)
