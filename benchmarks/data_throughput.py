@@ -1,6 +1,6 @@
 """Input-pipeline throughput against what the small model's train step consumes.
 
-  python benchmarks/data_throughput.py [--corpus=../shared/data/multi30k --corpus_pair=de-en]
+  python benchmarks/data_throughput.py [--corpus=/path/to/multi30k --corpus_pair=de-en]
 
 Figure: target tokens (non-pad) per second out of `train_dataset`, one process, batches of
 64 x 32 as the trainer would take them. Reference: the target tokens per second the train step
