@@ -162,7 +162,8 @@ def create_or_restore(run: Run, optimizer) -> tuple[train_lib.TrainState, Any]:
 class _Preemption:
     """Turns SIGTERM (a cloud preemption notice) into a flag the loop checks every step."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: int) -> None:
+        self.every = every  # multi-host: agree only every `every` steps, not on every step
         self.requested = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -172,6 +173,8 @@ class _Preemption:
 
     def due(self, step: int) -> bool:
         if jax.process_count() > 1:  # every host must agree on the step it stops at
+            if step % self.every:
+                return False  # an all-gather is a host sync: not on every step
             return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
         return self.requested
 
@@ -297,7 +300,7 @@ def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
     """Steps until config.num_train_steps, with logging, evaluation and checkpoints."""
     config = run.config
     writer = MetricWriter(run.workdir)
-    preemption = _Preemption()
+    preemption = _Preemption(config.log_every)
     rng = jax.random.key(config.seed + 1)
     start = int(state.step)
     pending: list[Any] = []
