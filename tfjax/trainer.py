@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import signal
 import time
@@ -224,6 +225,12 @@ class MetricWriter:
             self.jsonl.close()
 
 
+@functools.cache
+def _jitted_eval_step(model: Transformer):
+    """One compiled eval step per model, reused by every periodic evaluation."""
+    return jax.jit(functools.partial(train_lib.eval_step, model=model))
+
+
 def evaluate_split(run: Run, params: Any, split: str, *, decode_sentences: int) -> dict[str, Any]:
     """Validation loss / perplexity on `split`, and BLEU etc. of the first sentences decoded."""
     config = run.config
@@ -234,7 +241,7 @@ def evaluate_split(run: Run, params: Any, split: str, *, decode_sentences: int) 
         max_source_len=config.max_source_len,
         max_target_len=config.max_target_len,
     )
-    eval_step = jax.jit(lambda p, b: train_lib.eval_step(p, b, model=run.model))
+    eval_step = _jitted_eval_step(run.model)
     totals = {"nll": 0.0, "tokens": 0.0, "correct": 0.0}
     for batch in batches:
         m = jax.device_get(eval_step(params, {k: v for k, v in batch.items() if k != "index"}))
