@@ -83,7 +83,7 @@ def run_workload(name: str, steps: int) -> dict[str, float]:
     model = Transformer(cfg)
     batch = random_batch(cfg.vocab_size, np.random.default_rng(0))
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    optimizer = train_lib.make_optimizer(1e-3, 4000)
+    optimizer = train_lib.make_optimizer(train_lib.rsqrt_schedule(1e-3, 4000))
     state, shardings = train_lib.create_train_state(
         jax.random.key(0), model, optimizer, batch, mesh
     )

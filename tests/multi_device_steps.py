@@ -29,11 +29,11 @@ def batches(steps: int, rows: int = 16) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def run(mesh_sizes: tuple[int, int, int], data: list[dict[str, np.ndarray]]):
+def train(mesh, data: list[dict[str, np.ndarray]]) -> tuple[list[float], train_lib.TrainState]:
+    """Losses of len(data) steps on `mesh`; `data` holds this process's rows of each batch."""
     # d_model 64 and 8 heads, so fsdp and tensor axes of 8 split every dimension they name.
     model = Transformer(preset("tiny", d_model=64, num_heads=8, d_ff=128, dropout_rate=0.1))
-    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(mesh_sizes))])
-    optimizer = train_lib.make_optimizer(PEAK_LR, 2, clip_norm=1.0)
+    optimizer = train_lib.make_optimizer(train_lib.rsqrt_schedule(PEAK_LR, 2), clip_norm=1.0)
     state, shardings = train_lib.create_train_state(
         jax.random.key(0), model, optimizer, data[0], mesh
     )
@@ -42,6 +42,12 @@ def run(mesh_sizes: tuple[int, int, int], data: list[dict[str, np.ndarray]]):
     for batch in data:
         state, metrics = step(state, sharding.place_batch(batch, mesh), jax.random.key(1))
         losses.append(float(metrics["loss"] / metrics["tokens"]))
+    return losses, state
+
+
+def run(mesh_sizes: tuple[int, int, int], data: list[dict[str, np.ndarray]]):
+    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(mesh_sizes))])
+    losses, state = train(mesh, data)
     split = sum(
         not leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(state.params)
     )

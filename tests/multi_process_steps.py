@@ -12,10 +12,9 @@ import os
 import sys
 
 import jax
-from multi_device_steps import batches
+from multi_device_steps import STEPS, batches, train
 
-from tfjax import sharding, train_lib
-from tfjax.model import Transformer, preset
+from tfjax import sharding
 
 
 def main(process_id: int, num_processes: int, port: int) -> None:
@@ -29,22 +28,12 @@ def main(process_id: int, num_processes: int, port: int) -> None:
     if num_processes > 1:
         sharding.initialize_distributed()
     assert jax.device_count() == 8, jax.devices()
-    model = Transformer(preset("tiny", d_model=64, num_heads=8, d_ff=128, dropout_rate=0.1))
-    mesh = sharding.make_mesh((-1, 1, 1))
-    optimizer = train_lib.make_optimizer(1e-3, 2, clip_norm=1.0)
-    data = batches(5)
+    data = batches(STEPS)
     rows = len(data[0]["inputs"]) // num_processes
     local = [
         {k: v[process_id * rows : (process_id + 1) * rows] for k, v in b.items()} for b in data
     ]
-    state, shardings = train_lib.create_train_state(
-        jax.random.key(0), model, optimizer, local[0], mesh
-    )
-    step = train_lib.jit_train_step(model, optimizer, shardings, mesh, label_smoothing=0.1)
-    losses = []
-    for batch in local:
-        state, metrics = step(state, sharding.place_batch(batch, mesh), jax.random.key(1))
-        losses.append(float(metrics["loss"] / metrics["tokens"]))
+    losses, _ = train(sharding.make_mesh((-1, 1, 1)), local)
     if process_id == 0:
         print(json.dumps({"losses": losses, "processes": jax.process_count()}))
 

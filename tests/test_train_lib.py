@@ -75,7 +75,7 @@ def _batch(rng, rows=8, src_len=7, tgt_len=6, vocab=64):
 def test_accumulation_equals_the_full_batch_gradient():
     model = Transformer(preset("tiny"))
     batch = _batch(np.random.default_rng(1))
-    optimizer = train_lib.make_optimizer(1e-3, 10)
+    optimizer = train_lib.make_optimizer(train_lib.rsqrt_schedule(1e-3, 10))
     mesh = sharding.make_mesh()
     state, _ = train_lib.create_train_state(jax.random.key(0), model, optimizer, batch, mesh)
     grads = {
@@ -95,7 +95,7 @@ def test_training_reduces_the_loss(dtype):
     model = Transformer(preset("tiny", dtype=dtype))  # parameters stay float32 either way
     rng = np.random.default_rng(2)
     batch = _batch(rng)
-    optimizer = train_lib.make_optimizer(3e-3, 5, clip_norm=1.0)
+    optimizer = train_lib.make_optimizer(train_lib.rsqrt_schedule(3e-3, 5), clip_norm=1.0)
     mesh = sharding.make_mesh()
     state, shardings = train_lib.create_train_state(
         jax.random.key(0), model, optimizer, batch, mesh

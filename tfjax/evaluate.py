@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import sacrebleu
 from tqdm import tqdm
@@ -19,26 +20,33 @@ from tfjax.model import Transformer
 NEVER_EMIT = generate.ban_tokens((PAD_ID, BOS_ID))
 
 
-def _best_tokens(
+def decode_best(
     model: Transformer,
     params: Any,
     inputs: np.ndarray,
+    *,
     max_decode_len: int,
-    beam: int,
-    alpha: float,
-) -> np.ndarray:
-    """The best translation's ids [B, max_decode_len] of a source batch [B, S]."""
+    beam_size: int = 1,
+    alpha: float = 0.6,
+    num_top: int = 0,
+) -> Any:
+    """Each sentence's best translation of a source batch [B, S], fetched to the host.
+
+    Greedy (a `decode.DecodeOutput`) when beam_size == 1; otherwise the first of each n-best
+    list: a `decode.BeamSearchOutput` with the beam axis dropped ([B, beam, ...] -> [B, ...]).
+    """
     common = dict(
         max_decode_len=max_decode_len,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
         pad_id=PAD_ID,
+        num_top=num_top,
         logits_processor=NEVER_EMIT,
     )
-    if beam == 1:
-        return np.asarray(generate.translate_greedy(model, params, inputs, **common).tokens)
-    out = generate.translate_beam(model, params, inputs, beam_size=beam, alpha=alpha, **common)
-    return np.asarray(out.tokens[:, 0])  # [B, beam, L] -> best [B, L]
+    if beam_size == 1:
+        return jax.device_get(generate.translate_greedy(model, params, inputs, **common))
+    out = generate.translate_beam(model, params, inputs, beam_size=beam_size, alpha=alpha, **common)
+    return jax.device_get(jax.tree_util.tree_map(lambda x: x[:, 0], out))
 
 
 def translate_batches(
@@ -55,7 +63,14 @@ def translate_batches(
     """Detokenized translations by example index, for eval batches (rows with index -1 skipped)."""
     out: dict[int, str] = {}
     for batch in tqdm(batches, desc="translate", disable=not progress, leave=False):
-        tokens = _best_tokens(model, params, batch["inputs"], max_decode_len, beam_size, alpha)
+        tokens = decode_best(
+            model,
+            params,
+            batch["inputs"],
+            max_decode_len=max_decode_len,
+            beam_size=beam_size,
+            alpha=alpha,
+        ).tokens  # [B, L]
         for index, row in zip(batch["index"], tokens, strict=True):
             if index >= 0:
                 out[int(index)] = tokenizer.decode(row)

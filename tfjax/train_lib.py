@@ -45,13 +45,13 @@ def rsqrt_schedule(peak: float, warmup_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(
-    peak_lr: float, warmup_steps: int, clip_norm: float = 0.0, weight_decay: float = 0.0
+    schedule: optax.Schedule, clip_norm: float = 0.0, weight_decay: float = 0.0
 ) -> optax.GradientTransformation:
-    """Adam(0.9, 0.98, 1e-9) on the rsqrt schedule; optional global-norm clip and weight decay."""
+    """Adam(0.9, 0.98, 1e-9) on `schedule` (e.g. `rsqrt_schedule`); optional clip and decay."""
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
     adam = optax.adamw if weight_decay > 0 else optax.adam
     extra = dict(weight_decay=weight_decay) if weight_decay > 0 else {}
-    parts.append(adam(rsqrt_schedule(peak_lr, warmup_steps), b1=0.9, b2=0.98, eps=1e-9, **extra))
+    parts.append(adam(schedule, b1=0.9, b2=0.98, eps=1e-9, **extra))
     return optax.chain(*parts)
 
 

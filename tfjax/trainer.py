@@ -275,9 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.initialize_distributed()
     run = setup(config, workdir)
     schedule = train_lib.rsqrt_schedule(config.learning_rate, config.warmup_steps)
-    optimizer = train_lib.make_optimizer(
-        config.learning_rate, config.warmup_steps, config.clip_norm, config.weight_decay
-    )
+    optimizer = train_lib.make_optimizer(schedule, config.clip_norm, config.weight_decay)
     state, shardings = create_or_restore(run, optimizer)
     step_fn = train_lib.jit_train_step(
         run.model,

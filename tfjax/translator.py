@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
 
 from tfjax import checkpoint, generate
 from tfjax.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
-from tfjax.evaluate import NEVER_EMIT
+from tfjax.evaluate import NEVER_EMIT, decode_best
 from tfjax.model import Transformer, TransformerConfig
 
 LENGTH_BUCKET = 16  # source lengths are padded up to a multiple of this
@@ -110,28 +109,17 @@ class Translator:
         """Translate sentences (greedy when beam_size == 1); num_top alternatives per step."""
         results: list[Translation] = []
         for rows, inputs in self._batches(self._encode(sentences)):
-            out = self._decode(inputs, beam_size, alpha, num_top)
+            out = decode_best(
+                self.model,
+                self.params,
+                inputs,
+                max_decode_len=self.max_decode_len,
+                beam_size=beam_size,
+                alpha=alpha,
+                num_top=num_top,
+            )
             results.extend(self._translation(out, r, beam_size > 1) for r in range(len(rows)))
         return results
-
-    def _decode(self, inputs: np.ndarray, beam_size: int, alpha: float, num_top: int) -> Any:
-        common = dict(
-            max_decode_len=self.max_decode_len,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            num_top=num_top,
-            logits_processor=NEVER_EMIT,
-        )
-        if beam_size == 1:
-            return jax.device_get(
-                generate.translate_greedy(self.model, self.params, inputs, **common)
-            )
-        out = generate.translate_beam(
-            self.model, self.params, inputs, beam_size=beam_size, alpha=alpha, **common
-        )
-        # Keep each sentence's best hypothesis: [B, beam, ...] -> [B, ...].
-        return jax.device_get(jax.tree_util.tree_map(lambda x: x[:, 0], out))
 
     def _translation(self, out: Any, row: int, beam: bool) -> Translation:
         length = int(out.lengths[row])
