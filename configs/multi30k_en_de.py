@@ -3,7 +3,8 @@
   python train.py --config=configs/multi30k_en_de.py --workdir=/tmp/m30k-en-de \
       --config.data_dir=/path/to/multi30k
 
-Expected wall-clock and BLEU on a 2-core CPU: not measured yet for this recipe.
+Measured: stopped at step 3,777 (283 s on an H200 shared by six runs), 39.64 lowercased BLEU
+(39.25 sacreBLEU) on test_2016_flickr with beam 5, alpha 1.0; see README "Results".
 """
 
 import ml_collections

@@ -3,8 +3,9 @@
   python train.py --config=configs/tatoeba_zh_en.py --workdir=/tmp/tatoeba-zh-en \
       --config.data_dir=/path/to/tatoeba-zh-en
 
-The folder holds train.zh/.en, dev.zh/.en and test.zh/.en. Expected wall-clock and BLEU on a
-2-core CPU: not measured yet for this recipe.
+The folder holds train.zh/.en, dev.zh/.en and test.zh/.en. Measured: stopped at step 3,406
+(283 s on an H200 shared by six runs), 31.06 sacreBLEU, chrF 48.06 on test with beam 5, alpha
+1.0; see README "Results".
 """
 
 import ml_collections
