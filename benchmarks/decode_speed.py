@@ -1,0 +1,445 @@
+"""Decoding speed of tfjax beside torch Marian `generate` and CTranslate2, on the same weights.
+
+  python benchmarks/decode_speed.py [--repeats=7] [--threads=2] [--budget_mib=1024]
+
+The W-small model (shared vocabulary 8,000, d_model 256, 3 + 3 layers, 4 heads, d_ff 1024,
+fp32) is a randomly initialised transformers `MarianMTModel` (fixed seed), converted to tfjax
+with `tfjax.interop.from_marian` and to CTranslate2 with its own Transformers converter, so the
+three engines run one set of weights. Workloads (random source ids, fixed seed, 24 source
+tokens ending in eos): batch 32 beam 4, batch 32 greedy and one sentence greedy, each exactly
+32 generated tokens (eos is banned before the 32nd step in every engine). Greedy outputs are
+compared token for token across engines, beam outputs by their best hypothesis. Each engine
+runs in its own process (on 2 cores one engine's spinning thread pool slows the next), torch
+and CTranslate2 with 1 and with --threads threads; a ratio is to the reference's faster run.
+
+Printed and appended to benchmarks/RESULTS.md:
+- generated tokens/s (batch x 32 / seconds; median and min-max of --repeats timed calls after
+  a warm-up) and one-sentence greedy ms per token, with ratios to each reference;
+- the compile time of tfjax's jitted beam and greedy decoders;
+- early stop: eos forced from step k, the model calls tfjax's scan decoder makes (counted by a
+  host callback in the logits processor) and its time, for k = 4, 8, 16, 32;
+- the self-attention key/value cache: bytes per row and step by formula and as allocated,
+  the encoder-decoder cache per sentence, and the largest batch x beam whose cache fits in
+  --budget_mib for 24 source and 32 target tokens.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from tfjax import generate
+from tfjax.interop.marian import MarianImport, load_marian
+from tfjax.model import Transformer
+
+_REPEATS = flags.DEFINE_integer("repeats", 7, "timed calls per workload and engine")
+_THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for torch and CTranslate2 (and 1)")
+_BUDGET = flags.DEFINE_integer("budget_mib", 1024, "memory budget for the cache-size question")
+_WORKER = flags.DEFINE_string("worker", "", "internal: time this engine in this process")
+_SCRATCH = flags.DEFINE_string("scratch", "", "internal: the converted models' directory")
+
+VOCAB, D_MODEL, LAYERS, HEADS, D_FF = 8000, 256, 3, 4, 1024
+EOS, UNK, PAD = 0, 1, VOCAB - 1  # Marian's layout: eos 0, unk 1, pad (= decoder start) last
+SOURCE_LEN, STEPS, BATCH, BEAM = 24, 32, 32, 4
+RESULTS = Path(__file__).with_name("RESULTS.md")
+WORKLOADS = {  # name -> (batch, beam)
+    "beam4_b32": (BATCH, BEAM),
+    "greedy_b32": (BATCH, 1),
+    "greedy_b1": (1, 1),
+}
+
+
+def marian_model() -> Any:
+    """The randomly initialised W-small MarianMTModel (torch, eval mode)."""
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    config = MarianConfig(
+        vocab_size=VOCAB,
+        decoder_vocab_size=VOCAB,
+        d_model=D_MODEL,
+        encoder_layers=LAYERS,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=D_FF,
+        decoder_ffn_dim=D_FF,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=PAD,
+        forced_eos_token_id=None,
+        activation_function="swish",
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
+    )
+    return MarianMTModel(config).eval()
+
+
+def source_ids(batch: int) -> np.ndarray:
+    """[batch, SOURCE_LEN] random ids (never pad or eos) ending in eos."""
+    rng = np.random.default_rng(batch)
+    ids = rng.integers(2, PAD, size=(batch, SOURCE_LEN), dtype=np.int32)
+    ids[:, -1] = EOS
+    return ids
+
+
+class _Vocabulary:
+    """What CTranslate2's Marian loader reads from a tokenizer: the vocabulary and two tokens."""
+
+    eos_token, unk_token = "</s>", "<unk>"
+
+    def get_vocab(self) -> dict[str, int]:
+        names = {EOS: self.eos_token, UNK: self.unk_token, PAD: "<pad>"}
+        return {names.get(i, f"t{i}"): i for i in range(VOCAB)}
+
+
+def ct2_convert(directory: Path, quantization: str | None) -> None:
+    """<directory>/hf converted by CTranslate2's TransformersConverter into <directory>/ct2[_int8].
+
+    Its Marian loader reads only a vocabulary and two tokens from the tokenizer, so a
+    `_Vocabulary` stands in for tokenizer files.
+    """
+    from ctranslate2.converters import TransformersConverter
+
+    class Converter(TransformersConverter):
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return _Vocabulary()
+
+    out = directory / ("ct2_int8" if quantization else "ct2")
+    Converter(str(directory / "hf")).convert(str(out), quantization=quantization, force=True)
+
+
+def time_calls(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
+    """Seconds of `repeats` calls after one warm-up call, and the last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - tick)
+    return times, out
+
+
+def ban_eos_before(step: int) -> generate.LogitsProcessor:
+    """Bans pad (the decoder start) always and eos at steps < `step`; forces eos from `step`."""
+
+    def processor(logits: jax.Array, t: jax.Array) -> jax.Array:
+        logits = logits.at[:, PAD].set(-jnp.inf)
+        eos_only = jnp.full_like(logits, -jnp.inf).at[:, EOS].set(0.0)
+        return jnp.where(t < step, logits.at[:, EOS].set(-jnp.inf), eos_only)
+
+    return processor
+
+
+def counting(processor: generate.LogitsProcessor, calls: list[int]) -> generate.LogitsProcessor:
+    """`processor`, plus a host callback that appends to `calls` once per model call."""
+
+    def counted(logits: jax.Array, t: jax.Array) -> jax.Array:
+        jax.debug.callback(lambda: calls.append(1))
+        return processor(logits, t)
+
+    return counted
+
+
+class TfjaxEngine:
+    """tfjax's jitted decoders over the converted parameters."""
+
+    def __init__(self, converted: MarianImport) -> None:
+        self.model = Transformer(converted.config)
+        self.params = jax.device_put(converted.params)
+        self.processor = ban_eos_before(STEPS)  # one object: one compiled program per shape
+
+    def decode(
+        self, inputs: np.ndarray, beam: int, processor: Any = None, max_len: int = STEPS
+    ) -> Any:
+        common = dict(
+            max_decode_len=max_len,
+            bos_id=PAD,
+            eos_id=EOS,
+            pad_id=PAD,
+            logits_processor=processor or self.processor,
+        )
+        if beam == 1:
+            return generate.translate_greedy(self.model, self.params, inputs, **common)
+        return generate.translate_beam(
+            self.model, self.params, inputs, beam_size=beam, alpha=0.0, **common
+        )
+
+    def compile_seconds(self, inputs: np.ndarray, beam: int) -> float:
+        """Time to trace and compile the decoder for this shape (nothing cached)."""
+        fn = generate.translate_greedy if beam == 1 else generate.translate_beam
+        kwargs = dict(
+            max_decode_len=STEPS,
+            bos_id=PAD,
+            eos_id=EOS,
+            pad_id=PAD,
+            logits_processor=ban_eos_before(STEPS),  # a new object: a fresh compile
+        )
+        if beam > 1:
+            kwargs.update(beam_size=beam, alpha=0.0)
+        tick = time.perf_counter()
+        fn.lower(self.model, self.params, inputs, **kwargs).compile()
+        return time.perf_counter() - tick
+
+    def run(self, inputs: np.ndarray, beam: int) -> np.ndarray:
+        """Best hypothesis ids [B, STEPS]."""
+        out = jax.block_until_ready(self.decode(inputs, beam))
+        tokens = np.asarray(out.tokens)
+        return tokens if beam == 1 else tokens[:, 0]
+
+
+def torch_run(hf_model: Any, inputs: np.ndarray, beam: int) -> np.ndarray:
+    """transformers' generate, exactly STEPS new tokens; best hypothesis ids [B, STEPS]."""
+    import torch
+
+    with torch.inference_mode():
+        out = hf_model.generate(
+            input_ids=torch.from_numpy(inputs.astype(np.int64)),
+            attention_mask=torch.ones(inputs.shape, dtype=torch.long),
+            num_beams=beam,
+            do_sample=False,
+            max_new_tokens=STEPS,
+            min_new_tokens=STEPS,
+            bad_words_ids=[[PAD]],
+            length_penalty=0.0,
+            early_stopping=False,
+        )
+    return out[:, 1:].numpy()  # drop the decoder start
+
+
+def ct2_run(translator: Any, inputs: np.ndarray, beam: int) -> np.ndarray:
+    vocab = _Vocabulary().get_vocab()
+    names = {i: t for t, i in vocab.items()}
+    tokens = [[names[int(i)] for i in row] for row in inputs]
+    results = translator.translate_batch(
+        tokens,
+        beam_size=beam,
+        max_decoding_length=STEPS,
+        min_decoding_length=STEPS,
+        length_penalty=0.0,
+        max_batch_size=len(tokens),
+    )
+    return np.array([[vocab[t] for t in r.hypotheses[0]] for r in results])
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> str:
+    """Rows whose ids are identical, and token positions that are."""
+    return f"rows {np.mean(np.all(a == b, axis=1)):.0%}, tokens {np.mean(a == b):.1%}"
+
+
+def cache_bytes(engine: TfjaxEngine, rows: int, sentences: int) -> tuple[int, int]:
+    """(self-attention, encoder-decoder) bytes of the cache tfjax allocates, as measured."""
+    inputs = source_ids(sentences)
+    model, params = engine.model, engine.params
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    _, state = model.apply(
+        {"params": params},
+        encoded,
+        inputs,
+        rows,
+        STEPS,
+        method=model.init_cache,
+        mutable=["cache"],
+    )
+    total = {"self": 0, "cross": 0}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state["cache"]):
+        name = jax.tree_util.keystr(path)
+        if "cached_" in name:  # keys and values; not the step index or the source mask
+            total["cross" if "cross_attention" in name else "self"] += leaf.nbytes
+    return total["self"], total["cross"]
+
+
+def tfjax_extras(engine: TfjaxEngine) -> list[str]:
+    """Compile times, early stop and cache-size tables (markdown lines)."""
+    compile_rows = [
+        f"| {w} | {engine.compile_seconds(source_ids(b), k):.1f} |"
+        for w, (b, k) in WORKLOADS.items()
+    ]
+    lines = ["| tfjax decoder | compile s |", "|---|---|", *compile_rows, ""]
+    lines += [
+        "Early stop (tfjax, batch 32, eos forced from step k; max 32 steps):",
+        "",
+        "| k | beam | model calls | median ms | vs k=32 |",
+        "|---|---|---|---|---|",
+    ]
+    inputs = source_ids(BATCH)
+    for beam in (1, BEAM):
+        full = None
+        for k in (32, 16, 8, 4):
+            calls: list[int] = []
+            jax.block_until_ready(engine.decode(inputs, beam, counting(ban_eos_before(k), calls)))
+            jax.effects_barrier()
+            processor = ban_eos_before(k)
+            times, _ = time_calls(
+                lambda p=processor, b=beam: jax.block_until_ready(engine.decode(inputs, b, p)),
+                _REPEATS.value,
+            )
+            median = statistics.median(times)
+            full = full or median
+            lines.append(
+                f"| {k} | {beam} | {len(calls)} | {median * 1e3:.1f} | {median / full:.2f} |"
+            )
+    per_row_step = 2 * LAYERS * D_MODEL * 4  # K and V, every decoder layer, fp32
+    per_sentence_cross = 2 * LAYERS * SOURCE_LEN * D_MODEL * 4
+    measured_self, measured_cross = cache_bytes(engine, BATCH * BEAM, BATCH)
+    budget = _BUDGET.value * 2**20
+    # rows = batch x beam: rows * STEPS * per_row_step + (rows / BEAM) * per_sentence_cross.
+    largest = int(budget // (STEPS * per_row_step + per_sentence_cross / BEAM))
+    lines += [
+        "",
+        "Key/value cache (fp32):",
+        "",
+        "| quantity | formula | measured (allocated by tfjax) |",
+        "|---|---|---|",
+        f"| self-attention bytes per row per step | 2 x {LAYERS} layers x {D_MODEL} x 4 = "
+        f"{per_row_step} | {measured_self / (BATCH * BEAM * STEPS):.0f} |",
+        f"| encoder-decoder bytes per sentence ({SOURCE_LEN} source tokens) | 2 x {LAYERS} x "
+        f"{SOURCE_LEN} x {D_MODEL} x 4 = {per_sentence_cross} | {measured_cross / BATCH:.0f} |",
+        f"| largest batch x beam (beam {BEAM}) in {_BUDGET.value} MiB of cache | {largest} | |",
+    ]
+    return lines
+
+
+def worker(engine: str, threads: int, scratch: Path) -> None:
+    """Times one engine on every workload in this fresh process; writes <scratch>/<run>.npz."""
+    hf_dir = scratch / "hf"
+    extras: list[str] = []
+    if engine == "tfjax":
+        tfjax = TfjaxEngine(load_marian(hf_dir))
+        run = tfjax.run
+    elif engine == "torch":
+        import torch
+        from transformers import MarianMTModel
+
+        torch.set_num_threads(threads)
+        hf = MarianMTModel.from_pretrained(hf_dir).eval()
+        run = functools.partial(torch_run, hf)
+    else:
+        import ctranslate2
+
+        translator = ctranslate2.Translator(
+            str(scratch / engine), device="cpu", inter_threads=1, intra_threads=threads
+        )
+        run = functools.partial(ct2_run, translator)
+    result: dict[str, Any] = {}
+    for workload, (batch, beam) in WORKLOADS.items():
+        inputs = source_ids(batch)
+        times, out = time_calls(lambda i=inputs, b=beam: run(i, b), _REPEATS.value)
+        result[f"{workload}/times"], result[f"{workload}/ids"] = np.array(times), out
+    if engine == "tfjax":
+        extras = tfjax_extras(tfjax)
+    np.savez(scratch / f"{engine}-{threads}.npz", extras=np.array(extras), **result)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _WORKER.value:
+        worker(_WORKER.value, _THREADS.value, Path(_SCRATCH.value))
+        return
+    scratch = tempfile.TemporaryDirectory()
+    directory = Path(scratch.name)
+    hf = marian_model()
+    hf.save_pretrained(directory / "hf")
+    for quantization in (None, "int8"):
+        ct2_convert(directory, quantization)
+    runs = [("tfjax", 0)] + [
+        (engine, threads)
+        for engine in ("torch", "ct2", "ct2_int8")
+        for threads in sorted({1, _THREADS.value})
+    ]
+    results = {}
+    for engine, threads in runs:
+        # A fresh process per engine: no thread pool spinning from one engine slows another.
+        print(f"timing {engine} ({threads or 'default'} threads)", flush=True)
+        command = [sys.executable, __file__, f"--worker={engine}", f"--threads={threads}"]
+        command += [f"--scratch={directory}", f"--repeats={_REPEATS.value}"]
+        subprocess.run(command, check=True)
+        results[engine, threads] = dict(np.load(directory / f"{engine}-{threads}.npz"))
+    print("\n".join(report(results)))
+    with RESULTS.open("a") as f:
+        f.write("\n" + "\n".join(report(results)) + "\n")
+    scratch.cleanup()
+
+
+def _speed(times: np.ndarray, workload: str) -> np.ndarray:
+    """tokens/s per timed call, or ms per token for the one-sentence workload."""
+    batch, _ = WORKLOADS[workload]
+    return times / STEPS * 1e3 if batch == 1 else batch * STEPS / times
+
+
+def report(results: dict[tuple[str, int], dict[str, np.ndarray]]) -> list[str]:
+    """The markdown tables: speeds with ratios to the fastest run of each reference, agreement."""
+    import ctranslate2
+    import torch
+    import transformers
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    versions = f"jax {jax.__version__}, torch {torch.__version__}, transformers "
+    versions += f"{transformers.__version__}, ctranslate2 {ctranslate2.__version__}"
+    lines = [
+        f"### decode_speed, {datetime.date.today()}, {machine}, {versions}",
+        "",
+        f"W-small fp32, source {SOURCE_LEN} tokens, {STEPS} generated tokens per sentence; "
+        "each engine timed in its own process.",
+        "",
+        "| workload | engine | threads | figure | median | min-max | vs torch | vs ct2 fp32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    agreements = []
+    for workload in WORKLOADS:
+        medians = {k: float(np.median(r[f"{workload}/times"])) for k, r in results.items()}
+        best = {
+            ref: min(m for (e, _), m in medians.items() if e == ref)
+            for ref in ("torch", "ct2")
+            if any(e == ref for e, _ in medians)
+        }
+        for (engine, threads), r in results.items():
+            speed = _speed(r[f"{workload}/times"], workload)
+            ratios = [
+                f"{best[ref] / medians[engine, threads]:.2f}x" if ref in best else ""
+                for ref in ("torch", "ct2")
+            ]
+            lines.append(
+                f"| {workload} | {engine} | {threads or 'XLA default'} "
+                f"| {'ms/token' if WORKLOADS[workload][0] == 1 else 'tokens/s'} "
+                f"| {np.median(speed):.1f} | {speed.min():.1f}-{speed.max():.1f} "
+                f"| {ratios[0]} | {ratios[1]} |"
+            )
+            if engine != "tfjax":
+                ours = results["tfjax", 0][f"{workload}/ids"]
+                agreements.append(
+                    f"| {workload} | tfjax vs {engine} ({threads} threads) "
+                    f"| {agreement(ours, r[f'{workload}/ids'])} |"
+                )
+    lines += [
+        "",
+        "Ratios: the fastest run of that reference's time / this run's time (> 1: faster).",
+        "",
+        "| workload | outputs | identical |",
+        "|---|---|---|",
+        *agreements,
+        "",
+        *[str(x) for x in results["tfjax", 0]["extras"]],
+    ]
+    return lines
+
+
+if __name__ == "__main__":
+    app.run(main)
