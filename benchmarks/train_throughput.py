@@ -1,6 +1,7 @@
 """Training throughput and model FLOPs utilisation of the jitted train step.
 
-  python benchmarks/train_throughput.py [--workloads=w_small,w_base] [--steps=10]
+  python benchmarks/train_throughput.py [--workloads=w_small,w_base] [--steps=10] \
+      [--dtypes=float32,bfloat16] [--loss_steps=200]
 
 Workloads (random token ids, fixed seeds): batch 64 pairs, source 32 and target 32 tokens,
 label smoothing 0.1, Adam. W-small: shared vocabulary 8,000, d_model 256, 3 + 3 layers,
@@ -13,12 +14,17 @@ Model FLOPs per step = 3 x forward (backward costs two forwards), forward = 2 x 
   logits, per target token:          D V
 counted over every position of the padded batch. MFU = model FLOPs per second / the matmul
 peak measured in the same run (the best of 20 jitted 2048 x 2048 jnp.dot: fp32, and bf16
-inputs with fp32 accumulation). The table is printed and appended to benchmarks/RESULTS.md.
+inputs with fp32 accumulation). Each workload runs with fp32 compute and with bf16 compute
+(parameters and optimizer state stay fp32). Memory is XLA's own account of the compiled step:
+arguments + outputs - donated aliases + temporaries. With --loss_steps=N, each dtype also trains
+W-small for N steps on 8 fixed random batches and the two loss curves are printed side by side.
+The tables are printed and appended to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 import statistics
 import time
@@ -28,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import linen as nn
 
 from tfjax import sharding, train_lib
 from tfjax.model import Transformer, TransformerConfig, preset
@@ -35,6 +42,8 @@ from tfjax.model import Transformer, TransformerConfig, preset
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workloads", ["w_small", "w_base"], "which workloads to run")
 flags.DEFINE_integer("steps", 10, "timed steps per workload (after one warm-up step)")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes to run each workload in")
+flags.DEFINE_integer("loss_steps", 0, "train W-small this many steps per dtype; 0: skip")
 BATCH, SOURCE, TARGET = 64, 32, 32
 WORKLOADS = {
     "w_small": dict(vocab_size=8000, d_model=256, num_layers=3, num_heads=4, d_ff=1024),
@@ -78,8 +87,25 @@ def random_batch(vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return dict(inputs=inputs, targets=targets, decoder_inputs=decoder_inputs)
 
 
-def run_workload(name: str, steps: int) -> dict[str, float]:
-    cfg = preset("base", **WORKLOADS[name], max_len=64)
+def step_memory(model: Transformer, optimizer, state, batch, mesh) -> int:
+    """Bytes XLA needs for one compiled train step: arguments + outputs - aliases + temporaries."""
+    step = functools.partial(
+        train_lib.train_step, model=model, optimizer=optimizer, label_smoothing=0.1
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(sharding.DEFAULT_RULES)):
+        lowered = jax.jit(step, donate_argnums=0).lower(state, batch, jax.random.key(1))
+    m = lowered.compile().memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+
+
+def setup(name: str, dtype: str):
+    """(model config, model, optimizer, state, jitted step, placed batch, mesh) of a workload."""
+    cfg = preset("base", **WORKLOADS[name], max_len=64, dtype=jnp.dtype(dtype))
     model = Transformer(cfg)
     batch = random_batch(cfg.vocab_size, np.random.default_rng(0))
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -88,7 +114,12 @@ def run_workload(name: str, steps: int) -> dict[str, float]:
         jax.random.key(0), model, optimizer, batch, mesh
     )
     step = train_lib.jit_train_step(model, optimizer, shardings, mesh, label_smoothing=0.1)
-    batch = sharding.place_batch(batch, mesh)
+    return cfg, model, optimizer, state, step, sharding.place_batch(batch, mesh), mesh
+
+
+def run_workload(name: str, dtype: str, steps: int) -> dict[str, float]:
+    cfg, model, optimizer, state, step, batch, mesh = setup(name, dtype)
+    memory = step_memory(model, optimizer, state, batch, mesh)
     rng = jax.random.key(1)
     tick = time.perf_counter()
     state, metrics = step(state, batch, rng)
@@ -106,7 +137,23 @@ def run_workload(name: str, steps: int) -> dict[str, float]:
         min_s=min(times),
         max_s=max(times),
         flops=model_flops(cfg, BATCH, SOURCE, TARGET),
+        memory=memory,
     )
+
+
+def loss_curve(dtype: str, steps: int, every: int = 25) -> list[float]:
+    """W-small's mean loss over each `every` steps, trained on 8 fixed random batches."""
+    _, _, _, state, step, _, mesh = setup("w_small", dtype)
+    rng = np.random.default_rng(0)
+    batches = [sharding.place_batch(random_batch(8000, rng), mesh) for _ in range(8)]
+    losses, curve = [], []
+    for i in range(steps):
+        state, metrics = step(state, batches[i % 8], jax.random.fold_in(jax.random.key(1), i))
+        losses.append(float(metrics["loss"]) / float(metrics["tokens"]))
+        if len(losses) == every:
+            curve.append(float(np.mean(losses)))
+            losses = []
+    return curve
 
 
 def main(argv: list[str]) -> None:
@@ -121,17 +168,26 @@ def main(argv: list[str]) -> None:
         f"bf16 inputs / fp32 accumulation {peak16 / 1e9:.1f} GFLOP/s",
         "",
         "| workload | compile s | step s median (min-max) | target tokens/s | GFLOP/step "
-        "| MFU vs fp32 peak | MFU vs bf16 peak |",
-        "|---|---|---|---|---|---|---|",
+        "| MFU vs fp32 peak | MFU vs bf16 peak | step memory MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in FLAGS.workloads:
-        r = run_workload(name, FLAGS.steps)
-        rate = r["flops"] / r["median_s"]
-        lines.append(
-            f"| {name} fp32 | {r['compile_s']:.1f} | {r['median_s']:.3f} "
-            f"({r['min_s']:.3f}-{r['max_s']:.3f}) | {BATCH * TARGET / r['median_s']:.0f} "
-            f"| {r['flops'] / 1e9:.1f} | {rate / peak32:.1%} | {rate / peak16:.1%} |"
-        )
+        for dtype in FLAGS.dtypes:
+            r = run_workload(name, dtype, FLAGS.steps)
+            rate = r["flops"] / r["median_s"]
+            lines.append(
+                f"| {name} {jnp.dtype(dtype).name} | {r['compile_s']:.1f} | {r['median_s']:.3f} "
+                f"({r['min_s']:.3f}-{r['max_s']:.3f}) | {BATCH * TARGET / r['median_s']:.0f} "
+                f"| {r['flops'] / 1e9:.1f} | {rate / peak32:.1%} | {rate / peak16:.1%} "
+                f"| {r['memory'] / 2**20:.0f} |"
+            )
+    if FLAGS.loss_steps:
+        curves = {dtype: loss_curve(dtype, FLAGS.loss_steps) for dtype in FLAGS.dtypes}
+        lines += ["", "W-small loss per token, mean of each 25 steps:", ""]
+        lines += ["| steps | " + " | ".join(FLAGS.dtypes) + " |", "|---" * (1 + len(curves)) + "|"]
+        for i, values in enumerate(zip(*curves.values(), strict=True)):
+            cells = " | ".join(f"{v:.4f}" for v in values)
+            lines.append(f"| {i * 25 + 1}-{(i + 1) * 25} | {cells} |")
     text = "\n".join(lines) + "\n"
     print(text)
     with RESULTS.open("a") as f:
