@@ -42,9 +42,27 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 0.0  # decoupled (AdamW) when > 0
     config.accum_steps = 1  # micro-batches per step (batch_size must divide)
     config.num_train_steps = 1000
+    # Scheduled sampling (tfjax.scheduled_sampling): off while schedule is "".
+    config.scheduled_sampling = ml_collections.ConfigDict(
+        dict(
+            schedule="",  # "", "linear", "exponential" or "inverse_sigmoid"
+            k=1.0,  # linear: start; exponential: base < 1; inverse_sigmoid: k >= 1
+            c=0.0,  # linear: decay of the gold-token probability per step
+            min_truth=0.0,  # floor of the gold-token probability
+            sample=False,  # first-pass predictions sampled, else argmax
+        )
+    )
     config.seed = 0
     # Scale: mesh axis sizes (data, fsdp, tensor); -1 takes the remaining devices.
     config.mesh = (-1, 1, 1)
+    # Token-level knowledge distillation (tfjax.distill): off while teacher_workdir is "".
+    config.distill = ml_collections.ConfigDict(
+        dict(
+            teacher_workdir="",  # a trained workdir; its latest checkpoint and tokenizer
+            alpha=0.5,  # weight of the KL term; 1 - alpha on the label-smoothed cross-entropy
+            temperature=1.0,  # softens teacher and student distributions alike
+        )
+    )
     # Logging, evaluation, checkpoints.
     config.log_every = 50
     config.eval_every = 500

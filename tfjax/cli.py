@@ -1,4 +1,4 @@
-"""`python -m tfjax translate|evaluate ...`: the command line over Translator and evaluate."""
+"""`python -m tfjax translate|evaluate|average|distill-data`: the command line."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     average.add_argument("--workdir", required=True, help="a training workdir")
     average.add_argument("--last", type=int, default=5, help="how many checkpoints (K)")
     average.add_argument("--output", required=True, help="workdir to write the average to")
+
+    distill = commands.add_parser(
+        "distill-data",
+        help="a folder dataset whose training targets are a teacher's translations",
+    )
+    restore_args(distill)
+    distill.set_defaults(beam=4, batch=64)
+    distill.add_argument("--output", required=True, help="folder to write <split>.<lang> into")
+    distill.add_argument("--data_dir", default=None, help="where the data is now, if it moved")
 
     evaluate = commands.add_parser("evaluate", help="translate a split and score it")
     restore_args(evaluate)
@@ -112,6 +121,49 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def _distill_data(args: argparse.Namespace) -> None:
+    """Sequence-level distillation data (Kim & Rush 2016): the teacher translates train.
+
+    Every split of the teacher's dataset is written as <split>.<source lang> and
+    <split>.<target lang>; train's targets are the teacher's beam-search translations, the
+    other splits keep their references. Pairs whose translation is empty are left out.
+    """
+    from tfjax import trainer
+
+    train = ml_collections.ConfigDict(checkpoint.read_meta(args.workdir, args.step)["train"])
+    if args.data_dir:
+        train.data_dir = args.data_dir
+    data = trainer.prepare_data(train, epath.Path(args.workdir))
+    translator = Translator.from_workdir(
+        args.workdir, args.step, best=args.best, max_batch=args.batch
+    )
+    out = epath.Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in data.split_sizes:
+        source = data.source(split)
+        pairs = [(e["source"], e["target"]) for e in (source[i] for i in range(len(source)))]
+        if split == "train":
+            pairs = _teacher_pairs(translator, pairs, args)
+        (out / f"{split}.{train.source_lang}").write_text("".join(s + "\n" for s, _ in pairs))
+        (out / f"{split}.{train.target_lang}").write_text("".join(t + "\n" for _, t in pairs))
+        print(f"{split}: {len(pairs)} pairs", flush=True)
+    print(f"wrote {out}: train with --config.dataset=folder --config.data_dir={out}")
+
+
+def _teacher_pairs(
+    translator: Translator, pairs: list[tuple[str, str]], args: argparse.Namespace
+) -> list[tuple[str, str]]:
+    """(source, the teacher's translation) for each pair; empty translations dropped."""
+    out = []
+    for chunk in tqdm(list(_chunks(pairs, args.batch)), desc="teacher"):
+        sources = [s for s, _ in chunk]
+        translations = translator.translate(sources, beam_size=args.beam, alpha=args.alpha)
+        out.extend((s, t.text) for s, t in zip(sources, translations, strict=True) if t.text)
+    if len(out) < len(pairs):
+        print(f"left out {len(pairs) - len(out)} pairs whose translation was empty")
+    return out
+
+
 def _average(args: argparse.Namespace) -> None:
     steps = checkpoint.average_checkpoints(args.workdir, args.output, args.last)
     print(f"averaged steps {steps} into {args.output}/checkpoints/{steps[-1]}")
@@ -121,7 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     checkpoint.quiet_library_logs()
     try:
-        commands = {"translate": _translate, "evaluate": _evaluate, "average": _average}
+        commands = {
+            "translate": _translate,
+            "evaluate": _evaluate,
+            "average": _average,
+            "distill-data": _distill_data,
+        }
         commands[args.command](args)
     except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

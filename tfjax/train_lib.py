@@ -13,11 +13,15 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tfjax import sharding
+from tfjax import distill as distill_lib
+from tfjax import scheduled_sampling, sharding
+from tfjax.distill import Distillation
 from tfjax.model import Transformer
+from tfjax.scheduled_sampling import ScheduledSampling
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+_SAMPLING_STREAM = 1 << 20  # fold_in data for scheduled sampling's randomness
 
 
 @flax.struct.dataclass
@@ -88,15 +92,54 @@ def model_inputs(batch: Batch) -> dict[str, jax.Array]:
     )
 
 
-def _loss_sums(
-    params: Any, batch: Batch, rng: jax.Array, model: Transformer, label_smoothing: float
-) -> tuple[jax.Array, Metrics]:
-    """Summed training loss of one micro-batch, with its metric sums."""
-    logits = model.apply(
-        {"params": params}, **model_inputs(batch), deterministic=False, rngs={"dropout": rng}
+def _sampled_inputs(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    model: Transformer,
+    sampling: ScheduledSampling,
+    step: jax.Array,
+) -> dict[str, jax.Array]:
+    """Model inputs whose decoder inputs mix gold tokens and first-pass predictions."""
+    inputs = model_inputs(batch)
+    first = model.apply({"params": jax.lax.stop_gradient(params)}, **inputs)  # [B, T, V]
+    predict_rng, mix_rng = jax.random.split(rng)
+    predictions = scheduled_sampling.first_pass_predictions(first, sampling.sample, predict_rng)
+    allowed = scheduled_sampling.replaceable(batch["targets"], batch.get("targets_segment_ids"))
+    inputs["decoder_inputs"], _ = scheduled_sampling.mix(
+        batch["decoder_inputs"], predictions, allowed, sampling.probability(step), mix_rng
     )
+    return inputs
+
+
+def _loss_sums(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    model: Transformer,
+    label_smoothing: float,
+    sampling: ScheduledSampling | None = None,
+    step: jax.Array | None = None,
+    distill: Distillation | None = None,
+    teacher_params: Any = None,
+) -> tuple[jax.Array, Metrics]:
+    """Summed training loss of one micro-batch, with its metric sums.
+
+    With `sampling`, the loss is taken on the second pass of scheduled sampling at `step`;
+    with `distill`, it mixes in the teacher's (see `tfjax.distill`). The metrics' loss is the
+    optimised one; nll stays the student's plain negative log-likelihood.
+    """
+    inputs = model_inputs(batch)
+    if sampling is not None:
+        # Its own stream: dropout keeps `rng`, so p(step) = 0 reproduces teacher forcing.
+        sampling_rng = jax.random.fold_in(rng, _SAMPLING_STREAM)
+        inputs = _sampled_inputs(params, batch, sampling_rng, model, sampling, step)
+    logits = model.apply({"params": params}, **inputs, deterministic=False, rngs={"dropout": rng})
     weights = (batch["targets"] > 0).astype(jnp.float32)  # pad id 0
     loss, tokens = cross_entropy(logits, batch["targets"], weights, label_smoothing)
+    if distill is not None:
+        teacher = distill_lib.teacher_logits(distill, teacher_params, inputs)
+        loss = distill_lib.loss_sum(distill, logits, teacher, loss, weights)
     nll, _ = cross_entropy(logits, batch["targets"], weights, 0.0)
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * weights)
     return loss, dict(loss=loss, nll=nll, tokens=tokens, correct=correct)
@@ -109,22 +152,34 @@ def _gradients(
     model: Transformer,
     label_smoothing: float,
     accum: int,
+    sampling: ScheduledSampling | None = None,
+    step: jax.Array | None = None,
+    distill: Distillation | None = None,
+    teacher_params: Any = None,
 ) -> tuple[Any, Metrics]:
     """Gradient of the token-mean loss over `accum` micro-batches, run one after another.
 
     Sums of losses and gradients are accumulated and divided by the total token count once,
     so the result equals the full-batch gradient whatever the split.
     """
-    grad_fn = jax.grad(_loss_sums, has_aux=True)
+    grad_fn = functools.partial(
+        jax.grad(_loss_sums, has_aux=True),
+        model=model,
+        label_smoothing=label_smoothing,
+        sampling=sampling,
+        step=step,
+        distill=distill,
+        teacher_params=teacher_params,
+    )
     if accum == 1:  # no loop: XLA optimises a straight-line step better than a 1-trip scan
-        grads, metrics = grad_fn(params, batch, jax.random.fold_in(rng, 0), model, label_smoothing)
+        grads, metrics = grad_fn(params, batch, jax.random.fold_in(rng, 0))
         scale = 1.0 / jnp.maximum(metrics["tokens"], 1.0)
         return jax.tree_util.tree_map(lambda g: g * scale, grads), metrics
 
     def micro(carry, xs):
         grads, metrics = carry
         micro_batch, index = xs
-        g, m = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), model, label_smoothing)
+        g, m = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
         add = functools.partial(jax.tree_util.tree_map, jnp.add)
         return (add(grads, g), add(metrics, m)), None
 
@@ -141,19 +196,35 @@ def train_step(
     state: TrainState,
     batch: Batch,
     rng: jax.Array,
+    teacher_params: Any = None,
     *,
     model: Transformer,
     optimizer: optax.GradientTransformation,
     label_smoothing: float,
     accum_steps: int = 1,
     learning_rate: optax.Schedule | None = None,
+    sampling: ScheduledSampling | None = None,
+    distill: Distillation | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on `batch` (dict of [global_batch, length]); returns metric sums.
 
     Dropout randomness is `fold_in(rng, step)`, so a resumed run draws the same masks.
+    `sampling`: train with scheduled sampling at p(state.step) (see `scheduled_sampling`).
+    `distill`: distil from its teacher, whose parameters are `teacher_params` (see `distill`).
     """
     step_rng = jax.random.fold_in(rng, state.step)
-    grads, metrics = _gradients(state.params, batch, step_rng, model, label_smoothing, accum_steps)
+    grads, metrics = _gradients(
+        state.params,
+        batch,
+        step_rng,
+        model,
+        label_smoothing,
+        accum_steps,
+        sampling,
+        state.step,
+        distill,
+        teacher_params,
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -209,15 +280,17 @@ def jit_train_step(
     mesh: Mesh,
     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
     **step_kwargs: Any,
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+) -> Callable[..., tuple[TrainState, Metrics]]:
     """`train_step` jitted with the state donated and kept in `state_shardings`."""
     step = functools.partial(train_step, model=model, optimizer=optimizer, **step_kwargs)
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
-    def run(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    def run(
+        state: TrainState, batch: Batch, rng: jax.Array, teacher_params: Any = None
+    ) -> tuple[TrainState, Metrics]:
         # The rules and mesh must be active while tracing, for the model's activation hints.
         with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-            return jitted(state, batch, rng)
+            return jitted(state, batch, rng, teacher_params)
 
     return run

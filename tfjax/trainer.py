@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from tfjax import checkpoint, evaluate, sharding, train_lib
@@ -28,7 +29,9 @@ from tfjax.data import (
     prepare,
     train_dataset,
 )
+from tfjax.distill import Distillation
 from tfjax.model import Transformer, TransformerConfig, preset
+from tfjax.scheduled_sampling import ScheduledSampling
 
 
 class TrainingError(RuntimeError):
@@ -41,6 +44,44 @@ def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
     name = fields.pop("preset")
     dtype = jnp.dtype(fields.pop("dtype"))
     return preset(name, vocab_size=config.vocab_size, dtype=dtype, **fields)
+
+
+def sampling_config(config: ml_collections.ConfigDict) -> ScheduledSampling | None:
+    """The recipe's scheduled sampling, or None while its schedule is ""."""
+    values = config.scheduled_sampling.to_dict()
+    return ScheduledSampling(**values) if values["schedule"] else None
+
+
+def _restore_teacher(
+    config: ml_collections.ConfigDict, workdir: epath.Path
+) -> tuple[Distillation, Any] | None:
+    """(Distillation, teacher params on the host) of config.distill, or None.
+
+    The student must read the teacher's pieces, so the teacher's tokenizer becomes the
+    student's spm.model (it is kept if it is already there, as on a resumed run).
+    """
+    values = config.distill
+    if not values.teacher_workdir:
+        return None
+    teacher_cfg, params, tokenizer_bytes, _ = checkpoint.restore_for_inference(
+        values.teacher_workdir
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "spm.model").exists():
+        (workdir / "spm.model").write_bytes(tokenizer_bytes)
+    distill = Distillation(Transformer(teacher_cfg), values.alpha, values.temperature)
+    return distill, jax.device_get(params)
+
+
+def _with_teacher(run: Run, step_fn, distill: Distillation, params: Any):
+    """The train step with the teacher's parameters, replicated on the mesh, as its 4th argument."""
+    if distill.teacher.config.target_vocab != run.model.config.target_vocab:
+        raise TrainingError(
+            f"teacher vocabulary {distill.teacher.config.target_vocab} != the student's "
+            f"{run.model.config.target_vocab}: a student must use its teacher's tokenizer"
+        )
+    params = jax.device_put(params, NamedSharding(run.mesh, PartitionSpec()))
+    return functools.partial(step_fn, teacher_params=params)
 
 
 def _check_workdir(workdir: epath.Path) -> None:
@@ -273,6 +314,7 @@ def evaluate_split(run: Run, params: Any, split: str, *, decode_sentences: int) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train per `config` in `workdir`, resuming if it holds checkpoints; returns final metrics."""
     sharding.initialize_distributed()
+    teacher = _restore_teacher(config, epath.Path(workdir))
     run = setup(config, workdir)
     schedule = train_lib.rsqrt_schedule(config.learning_rate, config.warmup_steps)
     optimizer = train_lib.make_optimizer(schedule, config.clip_norm, config.weight_decay)
@@ -285,7 +327,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         label_smoothing=config.label_smoothing,
         accum_steps=config.accum_steps,
         learning_rate=schedule,
+        sampling=sampling_config(config),
+        distill=teacher and teacher[0],
     )
+    if teacher:
+        step_fn = _with_teacher(run, step_fn, *teacher)
     try:
         return _loop(run, state, step_fn)
     finally:
