@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 from etils import epath
 
-from tfjax import checkpoint, evaluate, trainer
+from tfjax import checkpoint, trainer
 from tfjax.translator import Translator
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir", required=True)
@@ -67,27 +66,11 @@ def saved_step(workdir: str, *, best: bool) -> int:
     return max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def score_split(
-    translator: Translator, examples: list[dict[str, str]], beam: int, alpha: float
-) -> dict[str, Any]:
-    """Decode every example's source; sacreBLEU, lowercased BLEU and chrF against its target."""
-    hypotheses = []
-    for start in range(0, len(examples), translator.max_batch):
-        chunk = examples[start : start + translator.max_batch]
-        out = translator.translate([e["source"] for e in chunk], beam_size=beam, alpha=alpha)
-        hypotheses.extend(t.text for t in out)
-    return evaluate.scores(hypotheses, [e["target"] for e in examples])
-
-
 def main(argv: list[str]) -> None:
     del argv
     checkpoint.quiet_library_logs()
     workdir = _WORKDIR.value
-    meta = checkpoint.read_meta(workdir)
-    train = ml_collections.ConfigDict(meta["train"])
-    if _DATA_DIR.value:
-        train.data_dir = _DATA_DIR.value
-    data = trainer.prepare_data(train, epath.Path(workdir))
+    train, data = trainer.workdir_data(workdir, data_dir=_DATA_DIR.value)
 
     def examples(split: str) -> list[dict[str, str]]:
         source = data.source(split)
@@ -100,7 +83,7 @@ def main(argv: list[str]) -> None:
         translator = Translator.from_workdir(path, max_batch=_BATCH.value, **kwargs)
         for beam, alpha in decodings:
             tick = time.perf_counter()
-            result = score_split(translator, val, beam, alpha)
+            result = translator.evaluate(val, beam_size=beam, alpha=alpha)
             seconds = time.perf_counter() - tick
             rows.append(dict(model=name, beam=beam, alpha=alpha, seconds=seconds, **result))
             print(
@@ -113,7 +96,7 @@ def main(argv: list[str]) -> None:
                 best = (result, name, path, kwargs, beam, alpha, translator)
 
     _, name, path, kwargs, beam, alpha, translator = best
-    test = score_split(translator, examples(train.test_split), beam, alpha)
+    test = translator.evaluate(examples(train.test_split), beam_size=beam, alpha=alpha)
     params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(translator.params))
     step = saved_step(path, best=bool(kwargs))
     direction = f"{train.source_lang}→{train.target_lang}"

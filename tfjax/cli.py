@@ -6,7 +6,6 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 
-import ml_collections
 from etils import epath
 from tqdm import tqdm
 
@@ -97,23 +96,15 @@ def _translate(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from tfjax import evaluate, trainer
+    from tfjax import trainer
 
-    train = ml_collections.ConfigDict(checkpoint.read_meta(args.workdir, args.step)["train"])
-    if args.data_dir:
-        train.data_dir = args.data_dir
-    source = trainer.prepare_data(train, epath.Path(args.workdir)).source(args.split)
+    _, data = trainer.workdir_data(args.workdir, args.step, args.data_dir)
+    source = data.source(args.split)
     translator = Translator.from_workdir(
         args.workdir, args.step, best=args.best, max_batch=args.batch
     )
     examples = [source[i] for i in range(len(source))]
-    hypotheses = []
-    for chunk in tqdm(list(_chunks(examples, args.batch)), desc=args.split):
-        out = translator.translate(
-            [e["source"] for e in chunk], beam_size=args.beam, alpha=args.alpha
-        )
-        hypotheses.extend(t.text for t in out)
-    result = evaluate.scores(hypotheses, [e["target"] for e in examples])
+    result = translator.evaluate(examples, beam_size=args.beam, alpha=args.alpha, desc=args.split)
     print(
         f"{args.split}: {len(examples)} sentences  BLEU {result['bleu']:.2f}  "
         f"(lowercased {result['bleu_lowercase']:.2f})  chrF {result['chrf']:.2f}  "
@@ -130,10 +121,7 @@ def _distill_data(args: argparse.Namespace) -> None:
     """
     from tfjax import trainer
 
-    train = ml_collections.ConfigDict(checkpoint.read_meta(args.workdir, args.step)["train"])
-    if args.data_dir:
-        train.data_dir = args.data_dir
-    data = trainer.prepare_data(train, epath.Path(args.workdir))
+    train, data = trainer.workdir_data(args.workdir, args.step, args.data_dir)
     translator = Translator.from_workdir(
         args.workdir, args.step, best=args.best, max_batch=args.batch
     )

@@ -127,6 +127,19 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Tran
     return prepare(config.dataset, data_dir=config.data_dir or None, **common)
 
 
+def workdir_data(
+    workdir: str, step: int | None = None, data_dir: str | None = None
+) -> tuple[ml_collections.ConfigDict, TranslationData]:
+    """A trained workdir's config (from its checkpoint's meta) and its dataset.
+
+    `data_dir` says where the corpus is now, if it moved since training.
+    """
+    config = ml_collections.ConfigDict(checkpoint.read_meta(workdir, step)["train"])
+    if data_dir:
+        config.data_dir = data_dir
+    return config, prepare_data(config, epath.Path(workdir))
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Prepare data and tokenizer, the mesh, the model and the data iterator."""
     root = epath.Path(workdir)

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from tfjax import checkpoint, generate
 from tfjax.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
-from tfjax.evaluate import NEVER_EMIT, decode_best
+from tfjax.evaluate import NEVER_EMIT, decode_best, scores
 from tfjax.model import Transformer, TransformerConfig
 
 LENGTH_BUCKET = 16  # source lengths are padded up to a multiple of this
@@ -120,6 +121,29 @@ class Translator:
             )
             results.extend(self._translation(out, r, beam_size > 1) for r in range(len(rows)))
         return results
+
+    def evaluate(
+        self,
+        examples: Sequence[dict[str, str]],
+        *,
+        beam_size: int = 1,
+        alpha: float = 0.6,
+        desc: str | None = None,
+    ) -> dict[str, Any]:
+        """Translate each example's "source" and score it against its "target".
+
+        Returns `evaluate.scores`: sacreBLEU, lowercased BLEU, chrF, exact match, signature.
+        With `desc`, a progress bar of that name counts the sentences.
+        """
+        hypotheses: list[str] = []
+        bar = tqdm(total=len(examples), desc=desc, disable=desc is None, leave=False)
+        for start in range(0, len(examples), self.max_batch):
+            chunk = examples[start : start + self.max_batch]
+            out = self.translate([e["source"] for e in chunk], beam_size=beam_size, alpha=alpha)
+            hypotheses.extend(t.text for t in out)
+            bar.update(len(chunk))
+        bar.close()
+        return scores(hypotheses, [e["target"] for e in examples])
 
     def _translation(self, out: Any, row: int, beam: bool) -> Translation:
         length = int(out.lengths[row])
