@@ -244,22 +244,11 @@ def agreement(a: np.ndarray, b: np.ndarray) -> str:
     return f"rows {np.mean(np.all(a == b, axis=1)):.0%}, tokens {np.mean(a == b):.1%}"
 
 
-def cache_bytes(engine: TfjaxEngine, rows: int, sentences: int) -> tuple[int, int]:
-    """(self-attention, encoder-decoder) bytes of the cache tfjax allocates, as measured."""
-    inputs = source_ids(sentences)
-    model, params = engine.model, engine.params
-    encoded = model.apply({"params": params}, inputs, method=model.encode)
-    _, state = model.apply(
-        {"params": params},
-        encoded,
-        inputs,
-        rows,
-        STEPS,
-        method=model.init_cache,
-        mutable=["cache"],
-    )
+def cache_bytes(engine: TfjaxEngine, sentences: int, beam: int) -> tuple[int, int]:
+    """(self-attention, encoder-decoder) bytes of the cache the beam decoder starts from."""
+    cache = generate.init_cache(engine.model, engine.params, source_ids(sentences), beam, STEPS)
     total = {"self": 0, "cross": 0}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state["cache"]):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache["model"]):
         name = jax.tree_util.keystr(path)
         if "cached_" in name:  # keys and values; not the step index or the source mask
             total["cross" if "cross_attention" in name else "self"] += leaf.nbytes
@@ -298,7 +287,7 @@ def tfjax_extras(engine: TfjaxEngine) -> list[str]:
             )
     per_row_step = 2 * LAYERS * D_MODEL * 4  # K and V, every decoder layer, fp32
     per_sentence_cross = 2 * LAYERS * SOURCE_LEN * D_MODEL * 4
-    measured_self, measured_cross = cache_bytes(engine, BATCH * BEAM, BATCH)
+    measured_self, measured_cross = cache_bytes(engine, BATCH, BEAM)
     budget = _BUDGET.value * 2**20
     # rows = batch x beam: rows * STEPS * per_row_step + (rows / BEAM) * per_sentence_cross.
     largest = int(budget // (STEPS * per_row_step + per_sentence_cross / BEAM))

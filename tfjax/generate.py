@@ -58,7 +58,7 @@ def chain(*processors: LogitsProcessor) -> LogitsProcessor:
     return processor
 
 
-def _init_cache(
+def init_cache(
     model: Transformer, params: Params, inputs: jax.Array, beam: int, max_decode_len: int
 ) -> _Cache:
     """Encodes inputs [B, S] once and fills the cache for rows = B * beam, batch-major."""
@@ -129,7 +129,7 @@ def translate_greedy(
     """
     return decode.greedy_search(
         _tokens_to_logits(model, params, logits_processor),
-        _init_cache(model, params, inputs, 1, max_decode_len),
+        init_cache(model, params, inputs, 1, max_decode_len),
         batch_size=inputs.shape[0],
         max_decode_len=max_decode_len,
         bos_id=bos_id,
@@ -164,7 +164,7 @@ def translate_sample(
     """
     return decode.sample(
         _tokens_to_logits(model, params, logits_processor),
-        _init_cache(model, params, inputs, 1, max_decode_len),
+        init_cache(model, params, inputs, 1, max_decode_len),
         rng,
         batch_size=inputs.shape[0],
         max_decode_len=max_decode_len,
@@ -205,7 +205,7 @@ def translate_beam(
     """
     return decode.beam_search(
         _tokens_to_logits(model, params, logits_processor),
-        _init_cache(model, params, inputs, beam_size, max_decode_len),
+        init_cache(model, params, inputs, beam_size, max_decode_len),
         batch_size=inputs.shape[0],
         beam_size=beam_size,
         max_decode_len=max_decode_len,
