@@ -12,19 +12,19 @@ Model FLOPs per step = 3 x forward (backward costs two forwards), forward = 2 x 
   decoder layer, per target token:   4 D^2 + 2 T D (self) + 2 D^2 + 2 S D (cross: q, out, attention)
                                      + 2 D F;  per source token: 2 D^2 (cross k, v)
   logits, per target token:          D V
-counted over every position of the padded batch. MFU = model FLOPs per second / the matmul
-peak measured in the same run (the best of 20 jitted 2048 x 2048 jnp.dot: fp32, and bf16
-inputs with fp32 accumulation). Each workload runs with fp32 compute and with bf16 compute
-(parameters and optimizer state stay fp32). Memory is XLA's own account of the compiled step:
-arguments + outputs - donated aliases + temporaries. With --loss_steps=N, each dtype also trains
-W-small for N steps on 8 fixed random batches and the two loss curves are printed side by side.
+counted over every position of the padded batch (tfjax.precompile.model_flops). MFU = model
+FLOPs per second / the matmul peak measured in the same run (the best of 20 jitted
+2048 x 2048 jnp.dot: fp32, and bf16 inputs with fp32 accumulation). Each workload runs with
+fp32 compute and with bf16 compute (parameters and optimizer state stay fp32). Memory is XLA's
+own account of the compiled step: arguments + outputs - donated aliases + temporaries. With
+--loss_steps=N, each dtype also trains W-small for N steps on 8 fixed random batches and the
+two loss curves are printed side by side.
 The tables are printed and appended to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import platform
 import statistics
 import time
@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import linen as nn
 
 from tfjax import sharding, train_lib
-from tfjax.model import Transformer, TransformerConfig, preset
+from tfjax.model import Transformer, preset
+from tfjax.precompile import model_flops, program_bytes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workloads", ["w_small", "w_base"], "which workloads to run")
@@ -50,17 +50,6 @@ WORKLOADS = {
     "w_base": dict(vocab_size=32000),
 }
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def model_flops(cfg: TransformerConfig, batch: int, s: int, t: int) -> float:
-    """Training FLOPs of one step by the formula in the module docstring."""
-    d, f, v = cfg.d_model, cfg.d_ff, cfg.target_vocab
-    encoder = cfg.num_layers * batch * s * (4 * d * d + 2 * d * f + 2 * s * d)
-    decoder_target = batch * t * (4 * d * d + 2 * t * d + 2 * d * d + 2 * s * d + 2 * d * f)
-    decoder_source = batch * s * 2 * d * d
-    decoder = cfg.decoder_layers * (decoder_target + decoder_source)
-    logits = batch * t * d * v
-    return 3 * 2 * (encoder + decoder + logits)
 
 
 def matmul_peak(dtype: jnp.dtype, n: int = 2048, repeats: int = 20) -> float:
@@ -87,20 +76,9 @@ def random_batch(vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return dict(inputs=inputs, targets=targets, decoder_inputs=decoder_inputs)
 
 
-def step_memory(model: Transformer, optimizer, state, batch, mesh) -> int:
+def step_memory(step: train_lib.JittedTrainStep, state, batch) -> int:
     """Bytes XLA needs for one compiled train step: arguments + outputs - aliases + temporaries."""
-    step = functools.partial(
-        train_lib.train_step, model=model, optimizer=optimizer, label_smoothing=0.1
-    )
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(sharding.DEFAULT_RULES)):
-        lowered = jax.jit(step, donate_argnums=0).lower(state, batch, jax.random.key(1))
-    m = lowered.compile().memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
+    return program_bytes(step.lower(state, batch, jax.random.key(1)).compile())
 
 
 def setup(name: str, dtype: str):
@@ -113,13 +91,13 @@ def setup(name: str, dtype: str):
     state, shardings = train_lib.create_train_state(
         jax.random.key(0), model, optimizer, batch, mesh
     )
-    step = train_lib.jit_train_step(model, optimizer, shardings, mesh, label_smoothing=0.1)
+    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, label_smoothing=0.1)
     return cfg, model, optimizer, state, step, sharding.place_batch(batch, mesh), mesh
 
 
 def run_workload(name: str, dtype: str, steps: int) -> dict[str, float]:
     cfg, model, optimizer, state, step, batch, mesh = setup(name, dtype)
-    memory = step_memory(model, optimizer, state, batch, mesh)
+    memory = step_memory(step, state, batch)
     rng = jax.random.key(1)
     tick = time.perf_counter()
     state, metrics = step(state, batch, rng)

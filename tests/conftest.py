@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny parallel corpus and one short training run on it."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The suite runs on CPU devices; with libtpu installed (the "tpu" extra) JAX would otherwise
+# probe for a TPU in this process and every subprocess. TPU compiles use topology descriptions.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 STEPS = 80
 # A model small enough that a step costs milliseconds; every checkpoint-relevant path runs.
 TINY = [

@@ -37,7 +37,7 @@ def train(mesh, data: list[dict[str, np.ndarray]]) -> tuple[list[float], train_l
     state, shardings = train_lib.create_train_state(
         jax.random.key(0), model, optimizer, data[0], mesh
     )
-    step = train_lib.jit_train_step(model, optimizer, shardings, mesh, label_smoothing=0.1)
+    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, label_smoothing=0.1)
     losses = []
     for batch in data:
         state, metrics = step(state, sharding.place_batch(batch, mesh), jax.random.key(1))

@@ -100,7 +100,7 @@ def test_training_reduces_the_loss(dtype):
     state, shardings = train_lib.create_train_state(
         jax.random.key(0), model, optimizer, batch, mesh
     )
-    step = train_lib.jit_train_step(model, optimizer, shardings, mesh, label_smoothing=0.0)
+    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, label_smoothing=0.0)
     losses = []
     for _ in range(30):
         state, metrics = step(state, batch, jax.random.key(3))

@@ -1,8 +1,9 @@
-"""`python -m tfjax translate|evaluate|average|distill-data`: the command line."""
+"""`python -m tfjax translate|evaluate|average|distill-data|precompile`: the command line."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     distill.add_argument("--output", required=True, help="folder to write <split>.<lang> into")
     distill.add_argument("--data_dir", default=None, help="where the data is now, if it moved")
 
+    commands.add_parser(
+        "precompile",
+        help="compile the train step and decoder for a topology; "
+        "--config=FILE --topology=cpu:N|v5e:2x4 [--config.key=value ...]",
+    )  # parsed by _precompile, with absl flags; listed here for --help
     evaluate = commands.add_parser("evaluate", help="translate a split and score it")
     restore_args(evaluate)
     evaluate.add_argument("--split", default="test")
@@ -157,7 +163,84 @@ def _average(args: argparse.Namespace) -> None:
     print(f"averaged steps {steps} into {args.output}/checkpoints/{steps[-1]}")
 
 
+def _precompile(argv: Sequence[str]) -> int:
+    """precompile --config=FILE --topology=NAME [--config.key=value ...]: see tfjax.precompile.
+
+    Exits 1 when a program does not fit in a device's memory, 2 on a bad topology or mesh.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", flag_values=fv)
+    flags.DEFINE_string("topology", None, "cpu:N or a TPU topology, e.g. v5e:2x4", flag_values=fv)
+    flags.DEFINE_integer(
+        "beam", 0, "decoder beam size; 0: the config's eval_beam_size, at least 2", flag_values=fv
+    )
+    flags.DEFINE_float(
+        "memory_gib", None, "memory per device, overriding the chip's", flag_values=fv
+    )
+    flags.DEFINE_float(
+        "peak_tflops", None, "peak FLOP/s per device, overriding the chip's", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "search_batch", False, "also find the largest batch per shard that fits", flag_values=fv
+    )
+    flags.mark_flags_as_required(["config", "topology"], flag_values=fv)
+    try:
+        fv(["precompile", *argv])
+    except (flags.Error, AttributeError, KeyError, ValueError) as e:  # a bad flag or config key
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _simulated_devices(fv.topology)
+    from tfjax import precompile
+
+    config = fv.config
+    beam = fv.beam or max(config.eval_beam_size, 2)
+    try:
+        target = precompile.get_target(fv.topology, fv.memory_gib, fv.peak_tflops)
+        mesh, reports = precompile.precompile(config, target, beam)
+    except precompile.PrecompileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(precompile.describe(target, mesh), flush=True)
+    for report in reports:
+        print("\n" + precompile.format_report(report, target), flush=True)
+    if fv.search_batch:
+        print("\n" + _search_batch(config, target), flush=True)
+    problems = precompile.too_big(reports, target)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _simulated_devices(topology: str) -> None:
+    """cpu:N: ask XLA for N host devices (read when JAX starts its CPU backend)."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # compile-only: never claim an accelerator
+    if topology.startswith("cpu:") and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+        count = topology.removeprefix("cpu:")
+        flag = f"--xla_force_host_platform_device_count={count}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+def _search_batch(config, target) -> str:
+    from tfjax import precompile
+
+    rows, fits, over = precompile.largest_batch(config, target)
+    lines = [f"largest train batch per batch shard that fits: {rows} rows"]
+    if fits is not None:
+        lines.append(f"  {rows} rows: {precompile.format_report(fits, target)}")
+    if over is not None:
+        lines.append(f"  {rows + 1} rows: {precompile.format_report(over, target)}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["precompile"]:  # absl flags: it takes --config.key=value overrides
+        return _precompile(argv[1:])
     args = _parser().parse_args(argv)
     checkpoint.quiet_library_logs()
     try:

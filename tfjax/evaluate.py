@@ -20,6 +20,18 @@ from tfjax.model import Transformer
 NEVER_EMIT = generate.ban_tokens((PAD_ID, BOS_ID))
 
 
+def decoder_options(max_decode_len: int, num_top: int = 0) -> dict[str, Any]:
+    """Keyword arguments of `generate.translate_*` shared by every translation of a split."""
+    return dict(
+        max_decode_len=max_decode_len,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        num_top=num_top,
+        logits_processor=NEVER_EMIT,
+    )
+
+
 def decode_best(
     model: Transformer,
     params: Any,
@@ -35,14 +47,7 @@ def decode_best(
     Greedy (a `decode.DecodeOutput`) when beam_size == 1; otherwise the first of each n-best
     list: a `decode.BeamSearchOutput` with the beam axis dropped ([B, beam, ...] -> [B, ...]).
     """
-    common = dict(
-        max_decode_len=max_decode_len,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        num_top=num_top,
-        logits_processor=NEVER_EMIT,
-    )
+    common = decoder_options(max_decode_len, num_top)
     if beam_size == 1:
         return jax.device_get(generate.translate_greedy(model, params, inputs, **common))
     out = generate.translate_beam(model, params, inputs, beam_size=beam_size, alpha=alpha, **common)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -46,12 +47,36 @@ def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
     return shape
 
 
+def _physical_grid(devices: Sequence[Any]) -> str:
+    """The grid of TPU chips ("4x4") from their coordinates; otherwise "N devices"."""
+    coords = [getattr(d, "coords", None) for d in devices]
+    if any(c is None for c in coords):
+        return f"{len(devices)} devices"
+    dims = [max(c[i] for c in coords) + 1 for i in range(len(coords[0]))]
+    while len(dims) > 2 and dims[-1] == 1:
+        dims.pop()
+    return "x".join(str(d) for d in dims)
+
+
 def make_mesh(sizes: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    On TPUs each mesh axis must be a product of whole physical axes (a 4x4 slice takes (4, 4, 1)
+    or (2, 8, 1), not (8, 2, 1)): an axis that splits a physical one has no ring of its own for
+    its collectives. The error says so rather than building a slow mesh.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (NotImplementedError, ValueError, AssertionError) as e:
+        raise ValueError(
+            f"mesh sizes (data, fsdp, tensor) {shape} do not factor the physical "
+            f"{_physical_grid(devices)} grid of {devices[0].device_kind}: each axis size must be "
+            "a product of whole physical axis sizes"
+        ) from e
     # Auto axes: shardings propagate as in GSPMD, which Linen's logical constraints expect.
-    return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * len(shape), devices=devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
 def initialize_distributed() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -252,6 +252,34 @@ def _init_state(
     )
 
 
+def abstract_train_state(
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    example: Batch,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
+) -> tuple[TrainState, Any]:
+    """(the state as jax.ShapeDtypeStructs carrying their shardings, its NamedShardings).
+
+    Nothing is allocated: `eval_shape` traces the init, and the parameters' logical axis
+    names give the shardings. `example` may itself be ShapeDtypeStructs.
+    """
+
+    def init(rng: jax.Array, example: Batch) -> TrainState:
+        return _init_state(rng, model, optimizer, example)
+
+    rng = jax.eval_shape(jax.random.key, 0)  # abstract: the mesh may be of absent devices
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        boxed = jax.eval_shape(init, rng, example)
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.unbox(boxed),
+        shardings,
+    )
+    return abstract, shardings
+
+
 def create_train_state(
     rng: jax.Array,
     model: Transformer,
@@ -262,35 +290,46 @@ def create_train_state(
 ) -> tuple[TrainState, Any]:
     """Initialise the state directly in its shards; returns (state, its NamedShardings).
 
-    `eval_shape` gives the boxed abstract state, its logical names give the shardings, and the
-    jitted init writes each shard on its device: no host ever holds the whole model.
+    The jitted init writes each shard on its device: no host ever holds the whole model.
     """
+    _, shardings = abstract_train_state(model, optimizer, example, mesh, rules)
     init = functools.partial(_init_state, model=model, optimizer=optimizer, example=example)
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-        abstract = jax.eval_shape(init, rng)
-        shardings = sharding.logical_shardings(abstract, mesh, rules)
         state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
     return state, shardings
 
 
-def jit_train_step(
-    model: Transformer,
-    optimizer: optax.GradientTransformation,
-    state_shardings: Any,
-    mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
-    **step_kwargs: Any,
-) -> Callable[..., tuple[TrainState, Metrics]]:
-    """`train_step` jitted with the state donated and kept in `state_shardings`."""
-    step = functools.partial(train_step, model=model, optimizer=optimizer, **step_kwargs)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
+class JittedTrainStep:
+    """`train_step` jitted with the state donated and kept in its shardings.
 
-    def run(
-        state: TrainState, batch: Batch, rng: jax.Array, teacher_params: Any = None
+    Call it as `train_step` (state, batch, rng, teacher_params=None); `lower` takes the same
+    arguments, concrete or jax.ShapeDtypeStructs, for compiling ahead of time.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        optimizer: optax.GradientTransformation,
+        state_shardings: Any,
+        mesh: Mesh,
+        rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
+        **step_kwargs: Any,
+    ) -> None:
+        step = functools.partial(train_step, model=model, optimizer=optimizer, **step_kwargs)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
+        self._mesh = mesh
+        self._rules = list(rules)
+
+    def __call__(
+        self, state: TrainState, batch: Batch, rng: jax.Array, teacher_params: Any = None
     ) -> tuple[TrainState, Metrics]:
         # The rules and mesh must be active while tracing, for the model's activation hints.
-        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-            return jitted(state, batch, rng, teacher_params)
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+            return self._jitted(state, batch, rng, teacher_params)
 
-    return run
+    def lower(
+        self, state: Any, batch: Any, rng: Any, teacher_params: Any = None
+    ) -> jax.stages.Lowered:
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+            return self._jitted.lower(state, batch, rng, teacher_params)

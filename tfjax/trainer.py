@@ -27,6 +27,7 @@ from tfjax.data import (
     eval_dataset,
     load_or_train_tokenizer,
     prepare,
+    train_batch_shapes,
     train_dataset,
 )
 from tfjax.distill import Distillation
@@ -175,9 +176,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 def _example_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """Zeros shaped like one per-process batch, for tracing the model's init."""
     rows = config.batch_size // jax.process_count()
-    src = np.zeros((rows, config.max_source_len), np.int32)
-    tgt = np.zeros((rows, config.max_target_len), np.int32)
-    return dict(inputs=src, targets=tgt, decoder_inputs=tgt)
+    shapes = train_batch_shapes(rows, config.max_source_len, config.max_target_len, config.pack)
+    return {k: np.zeros(shape, np.int32) for k, shape in shapes.items()}
 
 
 def _check_resumable(run: Run) -> None:
@@ -199,18 +199,16 @@ def _check_resumable(run: Run) -> None:
 
 
 def create_or_restore(run: Run, optimizer) -> tuple[train_lib.TrainState, Any]:
-    """A fresh sharded state, or the latest checkpoint restored into the same shardings."""
+    """A fresh sharded state, or the latest checkpoint restored straight into its shardings."""
     _check_resumable(run)
-    state, shardings = train_lib.create_train_state(
-        jax.random.key(run.config.seed), run.model, optimizer, _example_batch(run.config), run.mesh
-    )
+    example = _example_batch(run.config)
     step = run.checkpointer.latest_step()
-    if step is not None:
-        abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-        )
-        state = run.checkpointer.restore(abstract, run.train_iter, step)
-        logging.info("Resumed from step %d in %s", step, run.workdir)
+    if step is None:
+        rng = jax.random.key(run.config.seed)
+        return train_lib.create_train_state(rng, run.model, optimizer, example, run.mesh)
+    abstract, shardings = train_lib.abstract_train_state(run.model, optimizer, example, run.mesh)
+    state = run.checkpointer.restore(abstract, run.train_iter, step)
+    logging.info("Resumed from step %d in %s", step, run.workdir)
     return state, shardings
 
 
@@ -332,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     schedule = train_lib.rsqrt_schedule(config.learning_rate, config.warmup_steps)
     optimizer = train_lib.make_optimizer(schedule, config.clip_norm, config.weight_decay)
     state, shardings = create_or_restore(run, optimizer)
-    step_fn = train_lib.jit_train_step(
+    step_fn = train_lib.JittedTrainStep(
         run.model,
         optimizer,
         shardings,

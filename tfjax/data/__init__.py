@@ -1,7 +1,7 @@
 """Translation data: TFDS sources, the synthetic task, the tokenizer and grain pipelines."""
 
 from tfjax.data.folder import CorpusError, build_folder, find_splits, read_parallel
-from tfjax.data.pipeline import PipelineOptions, eval_dataset, train_dataset
+from tfjax.data.pipeline import PipelineOptions, eval_dataset, train_batch_shapes, train_dataset
 from tfjax.data.sources import (
     SYNTHETIC,
     DatasetNotPreparedError,
@@ -39,6 +39,7 @@ __all__ = [
     "load_or_train_tokenizer",
     "prepare",
     "read_parallel",
+    "train_batch_shapes",
     "train_dataset",
     "train_tokenizer",
 ]

@@ -51,6 +51,22 @@ class PipelineOptions:
     read_threads: int = 2  # threads that read and tokenize chunks of examples ahead
 
 
+def train_batch_shapes(
+    rows: int, max_source_len: int, max_target_len: int, pack: bool
+) -> dict[str, tuple[int, int]]:
+    """The shape of each (int32) array of a `train_dataset` batch of `rows` rows."""
+    source, target = (rows, max_source_len), (rows, max_target_len)
+    shapes = dict(inputs=source, targets=target, decoder_inputs=target)
+    if pack:
+        shapes.update(
+            inputs_segment_ids=source,
+            inputs_positions=source,
+            targets_segment_ids=target,
+            targets_positions=target,
+        )
+    return shapes
+
+
 def train_dataset(
     source: Sequence[dict[str, str]], tokenizer: Tokenizer, options: PipelineOptions
 ) -> grain.IterDataset:
