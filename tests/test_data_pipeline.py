@@ -94,6 +94,8 @@ def test_packed_batch_contract(source, tokenizer):
     for key, value in batch.items():
         length = 28 if key.startswith("inputs") else 24
         assert value.shape == (4, length) and value.dtype == np.int32, key
+    shapes = data.train_batch_shapes(4, 28, 24, pack=True)  # what precompile compiles for
+    assert shapes == {k: v.shape for k, v in batch.items()}
     segments = batch["inputs_segment_ids"]
     assert ((segments == 0) == (batch["inputs"] == 0)).all()
     assert ((batch["targets_segment_ids"] == 0) == (batch["targets"] == 0)).all()
@@ -130,6 +132,8 @@ def test_unpacked_batches(source, tokenizer, tokenized):
     assert len(batches) == 16  # 1000 = 15 * 64 + 40: the last batch has 24 all-pad rows
     assert not batches[-1]["inputs"][40:].any() and batches[-1]["inputs"][39].any()
     assert set(batches[0]) == {"inputs", "targets", "decoder_inputs"}
+    shapes = data.train_batch_shapes(64, 28, 24, pack=False)
+    assert shapes == {k: v.shape for k, v in batches[0].items()}
     assert all(b["inputs"].shape == (64, 28) and b["targets"].shape == (64, 24) for b in batches)
     found = [example for batch in batches for example in unpadded(batch)]
     assert collections.Counter(found) == collections.Counter(tokenized)
