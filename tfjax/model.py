@@ -536,15 +536,22 @@ class Decoder(nn.Module):
         """[B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""
         cfg = self.config
         if cfg.tie_output:
-            kernel = self.embed.embedding.T  # [D, V]
+            # Contract the table [V, D] on D as it lies: its transpose would be copied, 4 V D
+            # bytes, inside every decode step (XLA does not hoist it out of the step's cond).
+            logits = jnp.einsum(
+                "BTD,VD->BTV",
+                y,
+                self.embed.embedding.astype(cfg.dtype),
+                preferred_element_type=jnp.float32,
+            )
         else:
             init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (EMBED, VOCAB))
             kernel = self.param(
                 "logits_kernel", init, (cfg.d_model, cfg.target_vocab), cfg.param_dtype
             )
-        logits = jnp.einsum(
-            "BTD,DV->BTV", y, kernel.astype(cfg.dtype), preferred_element_type=jnp.float32
-        )
+            logits = jnp.einsum(
+                "BTD,DV->BTV", y, kernel.astype(cfg.dtype), preferred_element_type=jnp.float32
+            )
         if cfg.output_bias:
             init = nn.with_logical_partitioning(nn.initializers.zeros, (VOCAB,))
             logits = logits + self.param("logits_bias", init, (cfg.target_vocab,), cfg.param_dtype)
