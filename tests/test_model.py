@@ -115,8 +115,9 @@ def test_beams_share_one_copy_of_cross_attention_keys(tiny, forward):
     full = forward(jnp.repeat(src, beams, axis=0), tgt)
     assert float(jnp.abs(stepwise - full).max()) <= 1e-5
     layer = cache["decoder"]["layer_0"]
-    assert layer["cross_attention"]["cached_key"].shape == (2, 7, cfg.num_heads, cfg.kv_dim)
-    assert layer["self_attention"]["cached_key"].shape == (2 * beams, 5, cfg.num_heads, cfg.kv_dim)
+    # Stored [rows, heads, head dim, positions]: the layout the attention dots read.
+    assert layer["cross_attention"]["cached_key"].shape == (2, cfg.num_heads, cfg.kv_dim, 7)
+    assert layer["self_attention"]["cached_key"].shape == (2 * beams, cfg.num_heads, cfg.kv_dim, 5)
 
 
 def _np_softmax(x):

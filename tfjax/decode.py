@@ -544,19 +544,22 @@ def beam_search(
     def score(sums: jax.Array, lengths: jax.Array) -> jax.Array:
         return penalised_score(sums, lengths, alpha=alpha, length_penalty=length_penalty)
 
-    def body(state: _BeamState, step: jax.Array) -> tuple[_BeamState, None]:
-        def advance(state: _BeamState) -> _BeamState:
-            return _beam_step(
-                state,
-                step,
-                tokens_to_logits,
-                score,
-                max_decode_len=max_decode_len,
-                eos_id=eos_id,
-                num_top=num_top,
-            )
+    def running(carry: tuple[_BeamState, jax.Array]) -> jax.Array:
+        state, step = carry
+        return (step < max_decode_len) & ~jnp.all(state.done)
 
-        return lax.cond(jnp.all(state.done), lambda s: s, advance, state), None
+    def body(carry: tuple[_BeamState, jax.Array]) -> tuple[_BeamState, jax.Array]:
+        state, step = carry
+        state = _beam_step(
+            state,
+            step,
+            tokens_to_logits,
+            score,
+            max_decode_len=max_decode_len,
+            eos_id=eos_id,
+            num_top=num_top,
+        )
+        return state, step + 1
 
     # Only the first slot starts alive, so step 0 does not expand beam copies of bos.
     alive_sums = jnp.full((batch_size, beam_size), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
@@ -568,7 +571,9 @@ def beam_search(
         finished=empty(pad_id, jnp.full_like(alive_sums, -jnp.inf)),
         done=jnp.zeros((batch_size,), jnp.bool_),
     )
-    state, _ = lax.scan(body, init, jnp.arange(max_decode_len))
+    # A while loop, not a scan with a skipping cond: no step writes per-step outputs, and a
+    # cond around the step made XLA copy the whole cache (its operand) at every step.
+    state, _ = lax.while_loop(running, body, (init, jnp.zeros((), jnp.int32)))
     return state.finished
 
 

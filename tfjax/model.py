@@ -5,8 +5,9 @@ Dimension letters used in shapes and einsums throughout:
   L max decode length, D d_model, H heads, K head_dim, F d_ff, V vocabulary.
 
 Decode mode (`decode=True`) keeps, per decoder layer, a self-attention cache of keys and values
-`[B, L, H, K]` and the encoder–decoder keys and values `[sentences, S, H, K]`, projected once
-per source sentence. Queries of several beams of one sentence are folded into the query axis
+`[B, H, K, L]` and the encoder–decoder keys and values `[sentences, H, K, S]`, projected once
+per source sentence: positions last, the layout XLA's attention dots read, so no decode step
+transposes a cache. Queries of several beams of one sentence are folded into the query axis
 when they meet those keys, so beams never copy them.
 """
 
@@ -247,15 +248,15 @@ class Attention(nn.Module):
         cfg = self.config
         proj = functools.partial(Dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
         if decode and self.has_variable("cache", "cached_key"):
-            return self.get_variable("cache", "cached_key"), self.get_variable(
-                "cache", "cached_value"
-            )
+            # Stored [B', H, K, S], as the self-attention cache.
+            keys, values = (self.get_variable("cache", n) for n in ("cached_key", "cached_value"))
+            return keys.transpose(0, 3, 1, 2), values.transpose(0, 3, 1, 2)
         if memory is None:
             raise ValueError("cross-attention needs the encoder output before its cache is filled")
         k, v = proj(name="key")(memory), proj(name="value")(memory)
         if decode:
-            self.put_variable("cache", "cached_key", k)
-            self.put_variable("cache", "cached_value", v)
+            self.put_variable("cache", "cached_key", k.transpose(0, 2, 3, 1))
+            self.put_variable("cache", "cached_value", v.transpose(0, 2, 3, 1))
         return k, v
 
     def _update_cache(
@@ -264,23 +265,32 @@ class Attention(nn.Module):
         """Self-attention decode cache.
 
         The first call (cache absent) sees the full-length dummy target [B, L, ...]: it creates
-        zero caches of that shape and attends normally, so under jit only the cache survives.
+        zero caches [B, H, K, L] and attends normally, so under jit only the cache survives.
         Later calls see one token [B, 1, ...], write it at `index` and attend to positions
         <= index. Returns keys, values [B, L, H, K] and the mask to use.
         """
         initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        # [B, H, K, L]: XLA:CPU transposed (and copied) a [B, L, H, K] cache at every step.
+        b, length, h, d = k.shape
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, h, d, length), k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, h, d, length), v.dtype)
         if not initialized:
             return k, v, mask
-        if k.shape[1] != 1:
-            raise ValueError(f"decode steps take one token per row, got length {k.shape[1]}")
-        start = (0, index, 0, 0)
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, start)
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, start)
-        max_len = cached_key.value.shape[1]
+        if length != 1:
+            raise ValueError(f"decode steps take one token per row, got length {length}")
+        start = (0, 0, 0, index)
+        # [B, 1, H, K] -> [B, H, K, 1]
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, k.transpose(0, 2, 3, 1), start
+        )
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, v.transpose(0, 2, 3, 1), start
+        )
+        max_len = cached_key.value.shape[-1]
         step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, L]
-        return cached_key.value, cached_value.value, step_mask
+        # [B, H, K, L] -> [B, L, H, K]
+        keys, values = (c.value.transpose(0, 3, 1, 2) for c in (cached_key, cached_value))
+        return keys, values, step_mask
 
     def _attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, deterministic: bool
