@@ -207,7 +207,7 @@ def _precompile(argv: Sequence[str]) -> int:
     for report in reports:
         print("\n" + precompile.format_report(report, target), flush=True)
     if fv.search_batch:
-        print("\n" + _search_batch(config, target), flush=True)
+        print("\n" + _search_batch(config, target, reports[0]), flush=True)
     problems = precompile.too_big(reports, target)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
@@ -225,10 +225,16 @@ def _simulated_devices(topology: str) -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
-def _search_batch(config, target) -> str:
+def _search_batch(config, target, train) -> str:
     from tfjax import precompile
 
-    rows, fits, over = precompile.largest_batch(config, target)
+    def probe(rows: int, report) -> None:
+        verdict = "fits" if report.fits(target) else "does not fit"
+        size = f"{report.total_bytes / 2**30:.2f} GiB" if not report.error else report.error
+        print(f"  {rows} rows per shard: {size}, {verdict}", flush=True)
+
+    print("searching the largest train batch (a compile per probe):", flush=True)
+    rows, fits, over = precompile.largest_batch(config, target, known=train, on_probe=probe)
     lines = [f"largest train batch per batch shard that fits: {rows} rows"]
     if fits is not None:
         lines.append(f"  {rows} rows: {precompile.format_report(fits, target)}")

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -294,10 +294,19 @@ def precompile(
 
 
 def largest_batch(
-    config: ml_collections.ConfigDict, target: Target, limit: int = 4096
+    config: ml_collections.ConfigDict,
+    target: Target,
+    known: Report | None = None,
+    limit: int = 4096,
+    on_probe: Callable[[int, Report], None] | None = None,
 ) -> tuple[int, Report | None, Report | None]:
-    """The most rows per batch shard whose train step fits: doubling or halving from the
-    config's own rows, then bisecting (each probe is a compile).
+    """The most rows per batch shard whose train step fits in the target's memory.
+
+    Each probe is a compile. Memory grows about linearly with rows, so after two probes the
+    next is where the line through the nearest two reaches the capacity (doubling or halving
+    from the config's own rows until then); the interval (fits, does not) shrinks at every
+    probe, so the answer is exact. `known`: the config's own train-step report, if compiled;
+    `on_probe(rows, report)` is called after each compile (they take minutes for big models).
 
     Returns (rows per shard, the report of that batch, the report of one more row); rows is
     0 when even one row per shard does not fit.
@@ -307,27 +316,38 @@ def largest_batch(
     mesh = mesh_for(config, target)
     model = Transformer(model_config(config))
     shards = batch_shards(mesh)
-    reports: dict[int, Report] = {}
+    rows = max(config.batch_size // shards, 1)
+    reports: dict[int, Report] = {rows: known} if known is not None else {}
 
     def fits(rows: int) -> bool:
-        trial = ml_collections.ConfigDict(config.to_dict())
-        trial.batch_size = rows * shards
-        reports[rows] = compile_train_step(trial, model, mesh)[0]
+        if rows not in reports:
+            trial = ml_collections.ConfigDict(config.to_dict())
+            trial.batch_size = rows * shards
+            reports[rows] = compile_train_step(trial, model, mesh)[0]
+            if on_probe is not None:
+                on_probe(rows, reports[rows])
         return reports[rows].fits(target)
 
-    rows = max(config.batch_size // shards, 1)
-    if fits(rows):  # low fits, high does not (or is past the limit)
-        low, high = rows, min(2 * rows, limit + 1)
-        while high <= limit and fits(high):
-            low, high = high, min(2 * high, limit + 1)
-    else:
-        low, high = rows // 2, rows
-        while low > 0 and not fits(low):
-            low, high = low // 2, low
+    low, high = 0, limit + 1  # low fits (0 trivially); high is taken not to
+    guess = rows
     while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
+        guess = min(max(guess, low + 1), high - 1)
+        low, high = (guess, high) if fits(guess) else (low, guess)
+        guess = _next_guess(reports, low, high, target.memory_bytes)
     return low, reports.get(low), reports.get(high)
+
+
+def _next_guess(reports: dict[int, Report], low: int, high: int, capacity: int | None) -> int:
+    """Rows where memory, linear through the two compiled probes nearest the boundary, is full."""
+    measured = sorted(r for r, report in reports.items() if not report.error)
+    near = sorted(measured, key=lambda r: min(abs(r - low), abs(r - high)))[:2]
+    if capacity is None or len(near) < 2:  # no line yet: double up, or halve down
+        return 2 * low if high not in reports else (low + high) // 2
+    a, b = sorted(near)
+    slope = (reports[b].total_bytes - reports[a].total_bytes) / (b - a)
+    if slope <= 0:
+        return (low + high) // 2
+    return a + int((capacity - reports[a].total_bytes) // slope)
 
 
 def _gib(n: float) -> str:
