@@ -15,7 +15,7 @@ from jax import lax
 #   cache:     any pytree (a Linen model's "cache" collection), built by the caller for
 #              rows = batch (greedy, sampling) or rows = batch * beam (beam search).
 #   logits:    float [rows, vocab] for the next token; cast to float32 here.
-#   new_cache: the same structure, shapes and dtypes as `cache` (it is a `lax.scan` carry).
+#   new_cache: the same structure, shapes and dtypes as `cache` (it is a loop carry).
 # Beam search lays rows out batch-major (row = b * beam + k) and, after each step, reorders
 # every cache leaf whose leading axis has size batch * beam by the beam each surviving
 # hypothesis continues. All other leaves are left as they are: encoder-decoder keys/values
@@ -66,7 +66,7 @@ class _Step:
 
 @flax.struct.dataclass
 class _BeamState:
-    """The `lax.scan` carry of beam search."""
+    """The `lax.while_loop` carry of beam search (with the step index)."""
 
     cache: Cache  # the callback's cache, rows = batch * beam.
     last_tokens: jax.Array  # [batch, beam] int32; latest token of each alive hypothesis.
