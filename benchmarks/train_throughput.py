@@ -82,7 +82,7 @@ def step_memory(step: train_lib.JittedTrainStep, state, batch) -> int:
 
 
 def setup(name: str, dtype: str):
-    """(model config, model, optimizer, state, jitted step, placed batch, mesh) of a workload."""
+    """(model config, state, jitted step, placed batch, mesh) of a workload."""
     cfg = preset("base", **WORKLOADS[name], max_len=64, dtype=jnp.dtype(dtype))
     model = Transformer(cfg)
     batch = random_batch(cfg.vocab_size, np.random.default_rng(0))
@@ -92,11 +92,11 @@ def setup(name: str, dtype: str):
         jax.random.key(0), model, optimizer, batch, mesh
     )
     step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, label_smoothing=0.1)
-    return cfg, model, optimizer, state, step, sharding.place_batch(batch, mesh), mesh
+    return cfg, state, step, sharding.place_batch(batch, mesh), mesh
 
 
 def run_workload(name: str, dtype: str, steps: int) -> dict[str, float]:
-    cfg, model, optimizer, state, step, batch, mesh = setup(name, dtype)
+    cfg, state, step, batch, _ = setup(name, dtype)
     memory = step_memory(step, state, batch)
     rng = jax.random.key(1)
     tick = time.perf_counter()
@@ -121,7 +121,7 @@ def run_workload(name: str, dtype: str, steps: int) -> dict[str, float]:
 
 def loss_curve(dtype: str, steps: int, every: int = 25) -> list[float]:
     """W-small's mean loss over each `every` steps, trained on 8 fixed random batches."""
-    _, _, _, state, step, _, mesh = setup("w_small", dtype)
+    _, state, step, _, mesh = setup("w_small", dtype)
     rng = np.random.default_rng(0)
     batches = [sharding.place_batch(random_batch(8000, rng), mesh) for _ in range(8)]
     losses, curve = [], []

@@ -66,6 +66,15 @@ def test_train_step_memory_follows_the_batch(reports):
     assert temps[0] < temps[1] < temps[2]  # activations grow with the rows
 
 
+def test_the_compiled_step_is_the_trainers_own(reports, one_device):
+    """Scheduled sampling in the recipe adds its first (forward) pass to the compiled step."""
+    config = tiny_config(batch_size=8)
+    config.scheduled_sampling.update(schedule="linear", c=1e-3)
+    mesh = precompile.mesh_for(config, one_device)
+    sampled = precompile.compile_train_step(config, Transformer(model_config(config)), mesh)[0]
+    assert sampled.xla_flops > 1.2 * reports[8].xla_flops  # forward + backward = 3 forwards
+
+
 def test_a_program_over_memory_is_named_with_its_bytes(reports, one_device):
     train = reports[8]
     small = precompile.get_target("cpu:1", memory_gib=(train.total_bytes - 1) / 2**30)

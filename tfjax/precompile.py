@@ -23,6 +23,7 @@ from tfjax import evaluate, generate, sharding, train_lib
 from tfjax.data import train_batch_shapes
 from tfjax.model import Transformer, TransformerConfig
 from tfjax.train_lib import TrainState
+from tfjax.trainer import model_config, train_step_options
 
 
 class PrecompileError(ValueError):
@@ -217,7 +218,9 @@ def compile_train_step(
 ) -> tuple[Report, TrainState]:
     """The trainer's step for `config` on `mesh`, compiled from abstract state and batch.
 
-    Returns its report and the abstract state (whose parameters the decoder reuses).
+    Returns its report and the abstract state (whose parameters the decoder reuses). A
+    distillation teacher (config.distill) is not compiled in: its parameters would add
+    their bytes to the arguments.
     """
     rows = config.batch_size
     if rows % batch_shards(mesh):
@@ -230,18 +233,9 @@ def compile_train_step(
     batch = {
         k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=rows_sharding) for k, v in shapes.items()
     }
-    schedule = train_lib.rsqrt_schedule(config.learning_rate, config.warmup_steps)
-    optimizer = train_lib.make_optimizer(schedule, config.clip_norm, config.weight_decay)
+    optimizer, step_options = train_step_options(config)
     state, shardings = train_lib.abstract_train_state(model, optimizer, batch, mesh)
-    step = train_lib.JittedTrainStep(
-        model,
-        optimizer,
-        shardings,
-        mesh,
-        label_smoothing=config.label_smoothing,
-        accum_steps=config.accum_steps,
-        learning_rate=schedule,
-    )
+    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, **step_options)
     replicated = NamedSharding(mesh, PartitionSpec())
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     flops = model_flops(model.config, rows, config.max_source_len, config.max_target_len)
@@ -285,8 +279,6 @@ def precompile(
     config: ml_collections.ConfigDict, target: Target, beam: int
 ) -> tuple[Mesh, list[Report]]:
     """Compile the train step and the beam decoder of `config` for `target`."""
-    from tfjax.trainer import model_config  # the trainer's reading of config.model
-
     mesh = mesh_for(config, target)
     model = Transformer(model_config(config))
     train, state = compile_train_step(config, model, mesh)
@@ -311,8 +303,6 @@ def largest_batch(
     Returns (rows per shard, the report of that batch, the report of one more row); rows is
     0 when even one row per shard does not fit.
     """
-    from tfjax.trainer import model_config
-
     mesh = mesh_for(config, target)
     model = Transformer(model_config(config))
     shards = batch_shards(mesh)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
@@ -45,6 +46,21 @@ def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
     name = fields.pop("preset")
     dtype = jnp.dtype(fields.pop("dtype"))
     return preset(name, vocab_size=config.vocab_size, dtype=dtype, **fields)
+
+
+def train_step_options(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, dict[str, Any]]:
+    """The recipe's optimizer and the keyword arguments of its `train_lib.train_step`
+    (all but a distillation teacher's), shared by the trainer and `tfjax.precompile`."""
+    schedule = train_lib.rsqrt_schedule(config.learning_rate, config.warmup_steps)
+    optimizer = train_lib.make_optimizer(schedule, config.clip_norm, config.weight_decay)
+    return optimizer, dict(
+        label_smoothing=config.label_smoothing,
+        accum_steps=config.accum_steps,
+        learning_rate=schedule,
+        sampling=sampling_config(config),
+    )
 
 
 def sampling_config(config: ml_collections.ConfigDict) -> ScheduledSampling | None:
@@ -327,19 +343,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.initialize_distributed()
     teacher = _restore_teacher(config, epath.Path(workdir))
     run = setup(config, workdir)
-    schedule = train_lib.rsqrt_schedule(config.learning_rate, config.warmup_steps)
-    optimizer = train_lib.make_optimizer(schedule, config.clip_norm, config.weight_decay)
+    optimizer, step_options = train_step_options(config)
     state, shardings = create_or_restore(run, optimizer)
     step_fn = train_lib.JittedTrainStep(
         run.model,
         optimizer,
         shardings,
         run.mesh,
-        label_smoothing=config.label_smoothing,
-        accum_steps=config.accum_steps,
-        learning_rate=schedule,
-        sampling=sampling_config(config),
         distill=teacher and teacher[0],
+        **step_options,
     )
     if teacher:
         step_fn = _with_teacher(run, step_fn, *teacher)
