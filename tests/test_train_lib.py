@@ -42,6 +42,34 @@ def test_cross_entropy_matches_numpy(ls):
     assert float(loss) == pytest.approx(_np_smoothed_ce(logits, targets, weights, ls), rel=1e-5)
 
 
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_token_scores_values_and_gradient_against_autodiff(ls):
+    """nll and hits against NumPy; the written-out gradient against autodiff of the textbook
+    loss (log-softmax dotted with the explicit smoothed one-hot)."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 4, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, size=(3, 4))
+    a, b = rng.normal(size=(2, 3, 4)).astype(np.float32)  # cotangents of loss and nll
+
+    loss, nll, hit = train_lib.token_scores(jnp.asarray(logits), targets, ls)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(nll, -np.take_along_axis(logp, targets[..., None], -1)[..., 0], 1e-5)
+    np.testing.assert_array_equal(hit, (logits.argmax(-1) == targets).astype(np.float32))
+
+    def textbook(x):
+        soft = jax.nn.one_hot(targets, 11) * (1 - ls - ls / 10) + ls / 10
+        logp = jax.nn.log_softmax(x)
+        nll = -jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], -1)[..., 0]
+        return jnp.sum(a * -(soft * logp).sum(-1)) + jnp.sum(b * nll)
+
+    def ours(x):
+        loss, nll, _ = train_lib.token_scores(x, targets, ls)
+        return jnp.sum(a * loss) + jnp.sum(b * nll)
+
+    expected = jax.grad(textbook)(jnp.asarray(logits))
+    np.testing.assert_allclose(jax.grad(ours)(jnp.asarray(logits)), expected, atol=1e-6)
+
+
 def test_perfect_prediction_of_smoothed_target_has_zero_loss():
     q = np.full((1, 1, 5), 0.1 / 4)
     q[0, 0, 2] = 0.9

@@ -59,6 +59,73 @@ def make_optimizer(
     return optax.chain(*parts)
 
 
+def token_scores(
+    logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token label-smoothed loss, plain negative log-likelihood, and top-1 hit.
+
+    One log-sum-exp over the vocabulary serves all three, and the smoothed target is never
+    materialised: with soft = low everywhere and confidence at the target,
+      -sum_v soft_v log p_v = (confidence - low) nll + low sum_v (logZ - logits_v),
+    where nll = logZ - logits_target. The gradient is written out (`_scores_bwd`): one fused
+    pass over [B, T, V] that keeps only logZ besides the logits, where autodiff would store
+    the exponentials, the target mask and the selected logits, each as large as the logits.
+
+    Args:
+      logits: float [B, T, V].
+      targets: int [B, T].
+      label_smoothing: mass spread evenly over the V - 1 wrong tokens.
+    Returns:
+      float32 [B, T] smoothed loss minus the smoothed target's entropy (a model that predicts
+      that target exactly has loss 0); float32 [B, T] nll; float32 [B, T] 1 where the
+      target's logit is the largest (ties count as hits), else 0, with zero gradient.
+    """
+    return _scores(logits.astype(jnp.float32), targets, label_smoothing)
+
+
+def _smoothing(label_smoothing: float, vocab: int) -> tuple[float, float]:
+    """(probability at the target, at each other token) of the smoothed target."""
+    return 1.0 - label_smoothing, label_smoothing / (vocab - 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scores(
+    logits: jax.Array, targets: jax.Array, label_smoothing: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return _scores_fwd(logits, targets, label_smoothing)[0]
+
+
+def _scores_fwd(logits: jax.Array, targets: jax.Array, label_smoothing: float):
+    vocab = logits.shape[-1]
+    confidence, low = _smoothing(label_smoothing, vocab)
+    top = jnp.max(logits, axis=-1)  # [B, T]
+    logz = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))  # [B, T]
+    is_target = jnp.arange(vocab) == targets[..., None]  # [B, T, V]
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)  # [B, T]
+    nll = logz - target_logit
+    loss = (confidence - low) * nll
+    if label_smoothing > 0:
+        entropy = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low))
+        loss += low * (vocab * logz - jnp.sum(logits, axis=-1)) - entropy
+    hit = (target_logit >= top).astype(jnp.float32)
+    return (loss, nll, hit), (logits, targets, logz)
+
+
+def _scores_bwd(label_smoothing: float, residuals, cotangents):
+    # d loss / d logits = p - (confidence - low) onehot - low;  d nll / d logits = p - onehot.
+    logits, targets, logz = residuals
+    g_loss, g_nll, _ = cotangents  # [B, T] each; a hit's gradient is zero almost everywhere
+    confidence, low = _smoothing(label_smoothing, logits.shape[-1])
+    p = jnp.exp(logits - logz[..., None])  # [B, T, V]
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    at_target = (confidence - low) * g_loss + g_nll
+    grad = (g_loss + g_nll)[..., None] * p - low * g_loss[..., None]
+    return grad - jnp.where(is_target, at_target[..., None], 0.0), None
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
 def cross_entropy(
     logits: jax.Array, targets: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
@@ -68,17 +135,11 @@ def cross_entropy(
       logits: float [B, T, V].
       targets: int [B, T].
       weights: float [B, T], 0 on padding.
-      label_smoothing: mass spread evenly over the V - 1 wrong tokens.
+      label_smoothing: as in `token_scores`.
     Returns:
-      (sum of weighted per-token losses, sum of weights). The entropy of the smoothed target
-      is subtracted, so a model that predicts it exactly has loss 0.
+      (sum of weighted per-token losses of `token_scores`, sum of weights).
     """
-    vocab = logits.shape[-1]
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / (vocab - 1)
-    soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low  # [B, T, V]
-    entropy = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-    loss = optax.softmax_cross_entropy(logits, soft) - entropy  # [B, T]
+    loss, _, _ = token_scores(logits, targets, label_smoothing)
     return jnp.sum(loss * weights), jnp.sum(weights)
 
 
@@ -136,13 +197,13 @@ def _loss_sums(
         inputs = _sampled_inputs(params, batch, sampling_rng, model, sampling, step)
     logits = model.apply({"params": params}, **inputs, deterministic=False, rngs={"dropout": rng})
     weights = (batch["targets"] > 0).astype(jnp.float32)  # pad id 0
-    loss, tokens = cross_entropy(logits, batch["targets"], weights, label_smoothing)
+    losses, nlls, hits = token_scores(logits, batch["targets"], label_smoothing)
+    loss = jnp.sum(losses * weights)
     if distill is not None:
         teacher = distill_lib.teacher_logits(distill, teacher_params, inputs)
         loss = distill_lib.loss_sum(distill, logits, teacher, loss, weights)
-    nll, _ = cross_entropy(logits, batch["targets"], weights, 0.0)
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * weights)
-    return loss, dict(loss=loss, nll=nll, tokens=tokens, correct=correct)
+    metrics = dict(loss=loss, nll=jnp.sum(nlls * weights), tokens=jnp.sum(weights))
+    return loss, metrics | dict(correct=jnp.sum(hits * weights))
 
 
 def _gradients(
@@ -237,9 +298,10 @@ def eval_step(params: Any, batch: Batch, *, model: Transformer) -> Metrics:
     """Sums of the unsmoothed loss, correct tokens and tokens on one batch."""
     logits = model.apply({"params": params}, **model_inputs(batch))
     weights = (batch["targets"] > 0).astype(jnp.float32)
-    nll, tokens = cross_entropy(logits, batch["targets"], weights, 0.0)
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * weights)
-    return dict(nll=nll, tokens=tokens, correct=correct)
+    _, nlls, hits = token_scores(logits, batch["targets"])
+    return dict(
+        nll=jnp.sum(nlls * weights), tokens=jnp.sum(weights), correct=jnp.sum(hits * weights)
+    )
 
 
 def _init_state(
