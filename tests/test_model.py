@@ -288,3 +288,21 @@ def test_too_long_input_is_refused(tiny):
     long = jnp.ones((1, cfg.max_len + 1), jnp.int32)
     with pytest.raises(ValueError, match="max_len"):
         model.apply({"params": params}, long, long[:, :4])
+
+
+def test_tied_logits_gradient_matches_autodiff_of_the_einsum():
+    rng = np.random.default_rng(2)
+    y = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(13, 8)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 3, 13)), jnp.float32)
+
+    def einsum(y, table):
+        return jnp.sum(g * jnp.einsum("btd,vd->btv", y, table))
+
+    def tied(y, table):
+        return jnp.sum(g * M.tied_logits(y, table))
+
+    for got, want in zip(
+        jax.grad(tied, (0, 1))(y, table), jax.grad(einsum, (0, 1))(y, table), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

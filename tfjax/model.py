@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -142,11 +142,11 @@ class Dense(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[..., *in] -> [..., *features]; `in` is the trailing len(names) - len(features) dims."""
+    def weights(self, in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
+        """(kernel [*in, *features], bias [*features] or None) in the compute dtype."""
         cfg = self.config
-        n_in = len(self.names) - len(self.features)
-        shape = (*x.shape[-n_in:], *self.features)
+        n_in = len(in_shape)
+        shape = (*in_shape, *self.features)
         # Xavier-uniform over the whole input and output blocks of a multi-axis kernel.
         init = nn.initializers.variance_scaling(
             1.0, "fan_avg", "uniform",
@@ -155,11 +155,33 @@ class Dense(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, self.names), shape, cfg.param_dtype
         )
-        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), axes=n_in)
+        bias = None
         if cfg.use_bias:
             init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[n_in:])
-            y = y + self.param("bias", init, self.features, cfg.param_dtype).astype(cfg.dtype)
-        return y
+            bias = self.param("bias", init, self.features, cfg.param_dtype).astype(cfg.dtype)
+        return kernel.astype(cfg.dtype), bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., *in] -> [..., *features]; `in` is the trailing len(names) - len(features) dims."""
+        n_in = len(self.names) - len(self.features)
+        kernel, bias = self.weights(x.shape[-n_in:])
+        y = jnp.tensordot(x.astype(self.config.dtype), kernel, axes=n_in)
+        return y if bias is None else y + bias
+
+
+def fused_dense(x: jax.Array, layers: Sequence[Dense]) -> list[jax.Array]:
+    """Several projections of one input [..., D] as one matmul: [..., *features] each.
+
+    Their kernels [D, *F] are stacked to [D, n, *F] for the product: one [N, D] x [D, n F]
+    matmul keeps the CPU's (and an accelerator's) matrix units busier than n thin ones. The
+    parameters stay per projection.
+    """
+    kernels, biases = zip(*(layer.weights(x.shape[-1:]) for layer in layers), strict=True)
+    y = jnp.tensordot(x.astype(layers[0].config.dtype), jnp.stack(kernels, axis=1), axes=1)
+    if biases[0] is not None:
+        y = y + jnp.stack(biases)  # [..., n, *F] + [n, *F]
+    features = (slice(None),) * (kernels[0].ndim - 1)
+    return [y[(..., i, *features)] for i in range(len(layers))]
 
 
 def _layer_norm(cfg: TransformerConfig, name: str) -> nn.Module:
@@ -224,14 +246,14 @@ class Attention(nn.Module):
         """
         cfg = self.config
         proj = functools.partial(Dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
-        q = _constrain(proj(name="query")(x), (BATCH, LENGTH, HEADS, KV))  # [B, T, H, K]
         if self.cross:
+            q = proj(name="query")(x)  # [B, T, H, K]
             k, v = self._cross_keys_values(memory, decode)  # [B', S, H, K] each
         else:
-            k = proj(name="key")(x)  # [B, T, H, K]
-            v = proj(name="value")(x)
+            q, k, v = fused_dense(x, [proj(name=n) for n in ("query", "key", "value")])
             if decode:
                 k, v, mask = self._update_cache(k, v, mask, decode_index)  # [B, L, H, K]
+        q = _constrain(q, (BATCH, LENGTH, HEADS, KV))
         k = _constrain(k, (BATCH, LENGTH, HEADS, KV))
         v = _constrain(v, (BATCH, LENGTH, HEADS, KV))
 
@@ -253,7 +275,7 @@ class Attention(nn.Module):
             return keys.transpose(0, 3, 1, 2), values.transpose(0, 3, 1, 2)
         if memory is None:
             raise ValueError("cross-attention needs the encoder output before its cache is filled")
-        k, v = proj(name="key")(memory), proj(name="value")(memory)
+        k, v = fused_dense(memory, [proj(name="key"), proj(name="value")])
         if decode:
             self.put_variable("cache", "cached_key", k.transpose(0, 2, 3, 1))
             self.put_variable("cache", "cached_value", v.transpose(0, 2, 3, 1))
@@ -546,14 +568,7 @@ class Decoder(nn.Module):
         """[B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""
         cfg = self.config
         if cfg.tie_output:
-            # Contract the table [V, D] on D as it lies: its transpose would be copied, 4 V D
-            # bytes, inside every decode step (XLA does not hoist it out of the step's cond).
-            logits = jnp.einsum(
-                "BTD,VD->BTV",
-                y,
-                self.embed.embedding.astype(cfg.dtype),
-                preferred_element_type=jnp.float32,
-            )
+            logits = tied_logits(y, self.embed.embedding.astype(cfg.dtype))
         else:
             init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (EMBED, VOCAB))
             kernel = self.param(
@@ -566,6 +581,34 @@ class Decoder(nn.Module):
             init = nn.with_logical_partitioning(nn.initializers.zeros, (VOCAB,))
             logits = logits + self.param("logits_bias", init, (cfg.target_vocab,), cfg.param_dtype)
         return _constrain(logits, (BATCH, LENGTH, VOCAB))
+
+
+@jax.custom_vjp
+def tied_logits(y: jax.Array, table: jax.Array) -> jax.Array:
+    """[B, T, D] x embedding table [V, D] -> float32 logits [B, T, V].
+
+    The table is contracted on D as it lies: its transpose would be copied, 4 V D bytes, in
+    every decode step. The custom gradient takes the table's as (y^T g)^T, a [D, V] product
+    transposed: autodiff's g^T y made XLA:CPU transpose the [B T, V] cotangent, the train
+    step's largest array, in a strided copy into which it also fused the softmax gradient.
+    """
+    return jnp.einsum("BTD,VD->BTV", y, table, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(y: jax.Array, table: jax.Array):
+    return tied_logits(y, table), (y, table)
+
+
+def _tied_logits_bwd(residuals, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Results in the operands' dtype, as autodiff's own transpose of the einsum gives them.
+    y, table = residuals
+    g = g.astype(y.dtype)  # [B, T, V]
+    dy = jnp.einsum("BTV,VD->BTD", g, table, preferred_element_type=y.dtype)
+    dtable = jnp.einsum("BTD,BTV->DV", y, g, preferred_element_type=table.dtype).T  # [V, D]
+    return dy, dtable
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 class Transformer(nn.Module):
