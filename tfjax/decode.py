@@ -163,26 +163,33 @@ def _decode_rows(
         )
         return (cache, tokens, finished | (tokens == eos_id)), out
 
-    def skip(carry: _RowsCarry, t: jax.Array) -> tuple[_RowsCarry, _Step]:
-        return carry, _Step(
-            tokens=jnp.full((batch_size,), pad_id, jnp.int32),
-            token_log_probs=jnp.zeros((batch_size,), jnp.float32),
-            top_ids=jnp.full((batch_size, num_top), pad_id, jnp.int32),
-            top_probs=jnp.zeros((batch_size, num_top), jnp.float32),
-        )
+    def running(state: tuple[_RowsCarry, _Step, jax.Array]) -> jax.Array:
+        (_, _, finished), _, t = state
+        return (t < max_decode_len) & ~jnp.all(finished)
 
-    def body(carry: _RowsCarry, t: jax.Array) -> tuple[_RowsCarry, _Step]:
-        # A fixed trip count keeps shapes static; the model is not called once all rows ended.
-        return lax.cond(jnp.all(carry[2]), skip, step, carry, t)
+    def body(state: tuple[_RowsCarry, _Step, jax.Array]) -> tuple[_RowsCarry, _Step, jax.Array]:
+        carry, steps, t = state
+        carry, out = step(carry, t)
+        # Column t of each [batch, max_decode_len, ...] buffer, written in place.
+        steps = jax.tree.map(lambda buf, x: buf.at[:, t].set(x), steps, out)
+        return carry, steps, t + 1
 
     init = (
         cache,
         jnp.full((batch_size,), bos_id, jnp.int32),
         jnp.zeros((batch_size,), jnp.bool_),
     )
-    _, steps = lax.scan(body, init, jnp.arange(max_decode_len))
-    # [max_decode_len, batch, ...] -> [batch, max_decode_len, ...]
-    steps = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), steps)
+    # Steps never taken (every row ended) keep these: pad tokens, probability 0.
+    empty = _Step(
+        tokens=jnp.full((batch_size, max_decode_len), pad_id, jnp.int32),
+        token_log_probs=jnp.zeros((batch_size, max_decode_len), jnp.float32),
+        top_ids=jnp.full((batch_size, max_decode_len, num_top), pad_id, jnp.int32),
+        top_probs=jnp.zeros((batch_size, max_decode_len, num_top), jnp.float32),
+    )
+    # A while loop that stops once every row has ended, not a scan with a skipping cond: the
+    # cond made XLA copy the whole cache (its operand) and the step's loop-invariant work
+    # (parameter casts and stacks) at every step.
+    _, steps, _ = lax.while_loop(running, body, (init, empty, jnp.zeros((), jnp.int32)))
     return DecodeOutput(
         tokens=steps.tokens,
         token_log_probs=steps.token_log_probs,
