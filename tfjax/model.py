@@ -246,33 +246,32 @@ class Attention(nn.Module):
         """
         cfg = self.config
         proj = functools.partial(Dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
+        stored = decode and self.has_variable("cache", "cached_key")
         if self.cross:
             q = proj(name="query")(x)  # [B, T, H, K]
-            k, v = self._cross_keys_values(memory, decode)  # [B', S, H, K] each
+            if stored:  # [B', H, K, S] each
+                keys, values = (
+                    self.get_variable("cache", n) for n in ("cached_key", "cached_value")
+                )
+                out = _grouped(attend_stored, q, keys, values, mask)
+            else:
+                k, v = self._cross_keys_values(memory, decode)  # [B', S, H, K] each
+                out = _grouped(self._attend, q, k, v, mask, deterministic)
         else:
             q, k, v = fused_dense(x, [proj(name=n) for n in ("query", "key", "value")])
-            if decode:
-                k, v, mask = self._update_cache(k, v, mask, decode_index)  # [B, L, H, K]
-        q = _constrain(q, (BATCH, LENGTH, HEADS, KV))
-        k = _constrain(k, (BATCH, LENGTH, HEADS, KV))
-        v = _constrain(v, (BATCH, LENGTH, HEADS, KV))
-
-        rows, length = q.shape[:2]
-        groups = rows // k.shape[0]  # beams per sentence; 1 outside beam search
-        q = q.reshape(k.shape[0], groups * length, *q.shape[2:])  # [B', beams * T, H, K]
-        out = self._attend(q, k, v, mask, deterministic)
-        out = out.reshape(rows, length, *out.shape[2:])  # [B' * beams, T, H, K] = [B, T, H, K]
+            if stored:
+                out = self._decode_step(q, k, v, decode_index)
+            else:
+                if decode:
+                    self._create_cache(k)
+                out = self._attend(q, k, v, mask, deterministic)
         dense_out = Dense((cfg.d_model,), (HEADS, KV, EMBED), cfg, name="out")
         return _constrain(dense_out(out), (BATCH, LENGTH, EMBED))  # [B, T, D]
 
     def _cross_keys_values(self, memory: jax.Array | None, decode: bool) -> tuple[jax.Array, ...]:
-        """Keys and values [B', S, H, K] of the encoder output, computed once when decoding."""
+        """Keys and values [B', S, H, K] of the encoder output; stored [B', H, K, S] to decode."""
         cfg = self.config
         proj = functools.partial(Dense, (cfg.num_heads, cfg.kv_dim), (EMBED, HEADS, KV), cfg)
-        if decode and self.has_variable("cache", "cached_key"):
-            # Stored [B', H, K, S], as the self-attention cache.
-            keys, values = (self.get_variable("cache", n) for n in ("cached_key", "cached_value"))
-            return keys.transpose(0, 3, 1, 2), values.transpose(0, 3, 1, 2)
         if memory is None:
             raise ValueError("cross-attention needs the encoder output before its cache is filled")
         k, v = fused_dense(memory, [proj(name="key"), proj(name="value")])
@@ -281,44 +280,47 @@ class Attention(nn.Module):
             self.put_variable("cache", "cached_value", v.transpose(0, 2, 3, 1))
         return k, v
 
-    def _update_cache(
-        self, k: jax.Array, v: jax.Array, mask: jax.Array | None, index: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-        """Self-attention decode cache.
+    def _create_cache(self, k: jax.Array) -> None:
+        """Zero self-attention caches [B, H, K, L] for keys like `k` [B, L, H, K].
 
-        The first call (cache absent) sees the full-length dummy target [B, L, ...]: it creates
-        zero caches [B, H, K, L] and attends normally, so under jit only the cache survives.
-        Later calls see one token [B, 1, ...], write it at `index` and attend to positions
-        <= index. Returns keys, values [B, L, H, K] and the mask to use.
+        The cache-filling call sees the full-length dummy target; under jit only the caches it
+        creates survive. Positions-last: XLA:CPU transposed (and copied) a [B, L, H, K] cache
+        at every step.
         """
-        initialized = self.has_variable("cache", "cached_key")
-        # [B, H, K, L]: XLA:CPU transposed (and copied) a [B, L, H, K] cache at every step.
         b, length, h, d = k.shape
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, h, d, length), k.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, h, d, length), v.dtype)
-        if not initialized:
-            return k, v, mask
-        if length != 1:
-            raise ValueError(f"decode steps take one token per row, got length {length}")
+        for name in ("cached_key", "cached_value"):
+            self.variable("cache", name, jnp.zeros, (b, h, d, length), k.dtype)
+
+    def _decode_step(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array | None
+    ) -> jax.Array:
+        """One token per row [B, 1, H, K] -> [B, 1, H, K]: attends to the cache and itself.
+
+        The step reads the cache as it was (positions < index) and attends to its own key and
+        value beside it, then writes them at `index`. Read before written, the cache is
+        updated in place; attending to the updated cache made XLA fuse a second copy of the
+        update into the attention and copy the whole cache so both could write.
+        """
+        if q.shape[1] != 1:
+            raise ValueError(f"decode steps take one token per row, got length {q.shape[1]}")
+        cached_key, cached_value = (
+            self.variable("cache", n) for n in ("cached_key", "cached_value")
+        )
+        keys, values = cached_key.value, cached_value.value  # [B, H, K, L]
+        before = (jnp.arange(keys.shape[-1]) < index)[None, None, None, :]  # [1, 1, 1, L]
+        out = attend_stored(q, keys, values, before, own=(k, v))
         start = (0, 0, 0, index)
         # [B, 1, H, K] -> [B, H, K, 1]
-        cached_key.value = jax.lax.dynamic_update_slice(
-            cached_key.value, k.transpose(0, 2, 3, 1), start
-        )
-        cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, v.transpose(0, 2, 3, 1), start
-        )
-        max_len = cached_key.value.shape[-1]
-        step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, L]
-        # [B, H, K, L] -> [B, L, H, K]
-        keys, values = (c.value.transpose(0, 3, 1, 2) for c in (cached_key, cached_value))
-        return keys, values, step_mask
+        cached_key.value = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1), start)
+        cached_value.value = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 3, 1), start)
+        return out
 
     def _attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, deterministic: bool
     ) -> jax.Array:
         """softmax(q k^T / sqrt(K)) v with `mask`; [B, T, H, K] x [B, S, H, K] -> [B, T, H, K]."""
         cfg = self.config
+        q, k, v = (_constrain(a, (BATCH, LENGTH, HEADS, KV)) for a in (q, k, v))
         if cfg.attention_dropout_rate > 0 and not deterministic:
             # jax.nn.dot_product_attention has no dropout; flax's reference implementation does.
             return nn.dot_product_attention(
@@ -333,6 +335,50 @@ class Attention(nn.Module):
             )
         # Picks fused kernels where the platform has them (cuDNN flash attention on GPU).
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def _grouped(attend: Callable[..., jax.Array], q: jax.Array, k: jax.Array, *args) -> jax.Array:
+    """Cross-attention of B = B' * beams query rows to B' sentences' keys k [B', ...].
+
+    q [B, T, H, K] -> [B', beams * T, H, K] for `attend(q, k, *args)`, and its output back.
+    """
+    rows, length = q.shape[:2]
+    groups = rows // k.shape[0]  # beams per sentence; 1 outside beam search
+    out = attend(q.reshape(k.shape[0], groups * length, *q.shape[2:]), k, *args)
+    return out.reshape(rows, length, *out.shape[2:])  # [B' * beams, T, H, K] = [B, T, H, K]
+
+
+def attend_stored(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    own: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """Decode-step attention to keys and values as a cache stores them, [B, H, K, S].
+
+    Contracted in that layout: going through [B, S, H, K], XLA transposed and copied every
+    cache at every step.
+
+    Args:
+      q: [B, G, H, K] queries (G: one per beam, or the one new token).
+      keys, values: [B, H, K, S].
+      mask: bool, broadcastable to [B, H, G, S]; True where attention is allowed.
+      own: each query's own key and value [B, G, H, K], attended beside the stored ones.
+    Returns:
+      [B, G, H, K].
+    """
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    scores = jnp.einsum("BGHK,BHKS->BHGS", q, keys) * scale  # [B, H, G, S]
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    if own is not None:
+        own_score = jnp.einsum("BGHK,BGHK->BHG", q, own[0]) * scale  # [B, H, G]
+        scores = jnp.concatenate([scores, own_score[..., None]], axis=-1)  # [B, H, G, S + 1]
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = jnp.einsum("BHGS,BHKS->BGHK", probs[..., : keys.shape[-1]], values)
+    if own is not None:
+        out += probs[..., -1].transpose(0, 2, 1)[..., None] * own[1]  # [B, G, H, 1] x [B, G, H, K]
+    return out
 
 
 class FeedForward(nn.Module):
