@@ -499,3 +499,20 @@ def test_penalised_score_styles():
     )
     with pytest.raises(ValueError, match="'fairseq'"):
         decode.penalised_score(sums, lengths, alpha=1.0, length_penalty="fairseq")
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "minus_inf"])
+@pytest.mark.parametrize(("shape", "k"), [((4, 3000), 8), ((3, 300), 4), ((2, 130), 3)])
+def test_top_k_blocked_equals_lax_top_k(kind, shape, k):
+    """Values, indices and tie order (lower index first) of the full top-k."""
+    rng = np.random.default_rng(k)
+    if kind == "ties":  # few distinct values: many ties, across and inside blocks
+        x = rng.integers(0, 5, size=shape).astype(np.float32)
+    else:
+        x = rng.normal(size=shape).astype(np.float32)
+    if kind == "minus_inf":  # finished beams' candidates; fewer finite values than blocks
+        x[:, 2:] = -np.inf
+    values, indices = jax.jit(decode.top_k_blocked, static_argnums=1)(jnp.asarray(x), k)
+    order = np.lexsort((np.arange(shape[1])[None].repeat(shape[0], 0), -x), axis=1)[:, :k]
+    np.testing.assert_array_equal(indices, order)
+    np.testing.assert_array_equal(values, np.take_along_axis(x, order, 1))
