@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from provenance import code_version
 
 from tfjax import generate
 from tfjax.interop.marian import MarianImport, load_marian
@@ -383,7 +384,7 @@ def report(results: dict[tuple[str, int], dict[str, np.ndarray]]) -> list[str]:
     versions = f"jax {jax.__version__}, torch {torch.__version__}, transformers "
     versions += f"{transformers.__version__}, ctranslate2 {ctranslate2.__version__}"
     lines = [
-        f"### decode_speed, {datetime.date.today()}, {machine}, {versions}",
+        f"### decode_speed, {datetime.date.today()}, {machine}, {versions}, {code_version()}",
         "",
         f"W-small fp32, source {SOURCE_LEN} tokens, {STEPS} generated tokens per sentence; "
         "each engine timed in its own process.",

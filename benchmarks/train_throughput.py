@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from provenance import code_version
 
 from tfjax import sharding, train_lib
 from tfjax.model import Transformer, preset
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> None:
     machine = f"{platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}"
     versions = f"jax {jax.__version__}"
     lines = [
-        f"### train_throughput, {datetime.date.today()}, {machine}, {versions}",
+        f"### train_throughput, {datetime.date.today()}, {machine}, {versions}, {code_version()}",
         "",
         f"matmul peak (2048^2 jnp.dot): fp32 {peak32 / 1e9:.1f} GFLOP/s, "
         f"bf16 inputs / fp32 accumulation {peak16 / 1e9:.1f} GFLOP/s",

@@ -1,0 +1,21 @@
+"""Which code a benchmark run measured, for the headers of benchmarks/RESULTS.md."""
+
+import subprocess
+from pathlib import Path
+
+
+def code_version() -> str:
+    """'code at <short commit>' (plus ' with local changes'), or '' outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "tfjax", "benchmarks")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f"code at {commit}" + (" with local changes" if dirty else "")
