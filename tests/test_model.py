@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from tfjax import decode
 from tfjax import model as M
 
 PAD = 0
@@ -115,9 +116,41 @@ def test_beams_share_one_copy_of_cross_attention_keys(tiny, forward):
     full = forward(jnp.repeat(src, beams, axis=0), tgt)
     assert float(jnp.abs(stepwise - full).max()) <= 1e-5
     layer = cache["decoder"]["layer_0"]
-    # Stored [rows, heads, head dim, positions]: the layout the attention dots read.
+    # Positions last, the layout the attention dots read; self-attention slots per sentence
+    # and beam, never reordered (a leading axis of sentences, not rows).
     assert layer["cross_attention"]["cached_key"].shape == (2, cfg.num_heads, cfg.kv_dim, 7)
-    assert layer["self_attention"]["cached_key"].shape == (2 * beams, cfg.num_heads, cfg.kv_dim, 5)
+    assert layer["self_attention"]["cached_key"].shape == (2, cfg.num_heads, cfg.kv_dim, beams, 5)
+    assert cache["decoder"]["origin"].shape == (2 * beams, 5)
+
+
+def test_beam_reordered_cache_reproduces_teacher_forcing_of_each_history(tiny, forward):
+    """After each step the rows continue random parents (decode.reorder_cache, as beam search
+    does); every row's logits must be the full forward pass over the history it inherited."""
+    cfg, model, params = tiny
+    rng = np.random.default_rng(6)
+    sentences, beams, length = 2, 3, 6
+    src = _tokens(rng, (sentences, 7)).at[1, 5:].set(PAD)
+    tokens = np.asarray(_tokens(rng, (sentences * beams, length)).at[:, 0].set(BOS))
+    enc = model.apply({"params": params}, src, method=model.encode)
+    cache = model.apply(
+        {"params": params}, enc, src, sentences * beams, length,
+        method=model.init_cache, mutable=["cache"],
+    )[1]["cache"]  # fmt: skip
+    step = jax.jit(
+        lambda cache, ids: model.apply(
+            {"params": params, "cache": cache}, ids, method=model.decode_step, mutable=["cache"]
+        )
+    )
+    history = tokens[:, :1]  # [rows, t + 1]: what each row's hypothesis has read so far
+    for t in range(length):
+        logits, state = step(cache, jnp.asarray(history[:, -1:]))
+        full = forward(jnp.repeat(src, beams, axis=0), jnp.asarray(history))[:, -1]
+        np.testing.assert_allclose(logits, full, atol=1e-5)
+        parents = rng.integers(0, beams, size=(sentences, beams))
+        cache = decode.reorder_cache(state["cache"], jnp.asarray(parents))
+        rows = (np.arange(sentences)[:, None] * beams + parents).reshape(-1)
+        if t + 1 < length:
+            history = np.concatenate([history[rows], tokens[:, t + 1 : t + 2]], axis=1)
 
 
 def _np_softmax(x):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -213,6 +213,14 @@ def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
+class DecodePosition(NamedTuple):
+    """Where a decode call of the decoder is, for its self-attention caches."""
+
+    index: jax.Array | None  # int32 [] position of this step's token; None when filling
+    origin: jax.Array  # int32 [B, L]: the row whose cache slot holds each position of each row
+    beams: int  # rows per sentence, B / B'
+
+
 class Attention(nn.Module):
     """Multi-head scaled dot-product attention; self- or encoder–decoder, with a decode cache."""
 
@@ -228,7 +236,7 @@ class Attention(nn.Module):
         *,
         deterministic: bool,
         decode: bool = False,
-        decode_index: jax.Array | None = None,
+        decode_position: DecodePosition | None = None,
     ) -> jax.Array:
         """Attend from queries `x` [B, T, D] to `memory` [B', S, D] (self: memory is x).
 
@@ -240,7 +248,7 @@ class Attention(nn.Module):
             True where attention is allowed. Decode steps build their own self-attention mask.
           deterministic: disables dropout.
           decode: use and update the "cache" collection.
-          decode_index: int32 [] position of the current token (decode steps of self-attention).
+          decode_position: where a decode call is (self-attention in decode mode).
         Returns:
           [B, T, D].
         """
@@ -260,10 +268,10 @@ class Attention(nn.Module):
         else:
             q, k, v = fused_dense(x, [proj(name=n) for n in ("query", "key", "value")])
             if stored:
-                out = self._decode_step(q, k, v, decode_index)
+                out = self._decode_step(q, k, v, decode_position)
             else:
                 if decode:
-                    self._create_cache(k)
+                    self._create_cache(k, decode_position.beams)
                 out = self._attend(q, k, v, mask, deterministic)
         dense_out = Dense((cfg.d_model,), (HEADS, KV, EMBED), cfg, name="out")
         return _constrain(dense_out(out), (BATCH, LENGTH, EMBED))  # [B, T, D]
@@ -280,40 +288,57 @@ class Attention(nn.Module):
             self.put_variable("cache", "cached_value", v.transpose(0, 2, 3, 1))
         return k, v
 
-    def _create_cache(self, k: jax.Array) -> None:
-        """Zero self-attention caches [B, H, K, L] for keys like `k` [B, L, H, K].
+    def _create_cache(self, k: jax.Array, beams: int) -> None:
+        """Zero self-attention caches [B', H, K, beams, L] for keys like `k` [B, L, H, K].
 
         The cache-filling call sees the full-length dummy target; under jit only the caches it
-        creates survive. Positions-last: XLA:CPU transposed (and copied) a [B, L, H, K] cache
-        at every step.
+        creates survive. Row b * beams + g writes slot [b, :, :, g] and the caches are never
+        reordered by beam (their leading axis is B', see `tfjax.decode`): a hypothesis reads
+        each earlier position from the slot its `DecodePosition.origin` names. Positions-last:
+        XLA:CPU transposed (and copied) a [B, L, H, K] cache at every step.
         """
-        b, length, h, d = k.shape
+        rows, length, h, d = k.shape
+        shape = (rows // beams, h, d, beams, length)
         for name in ("cached_key", "cached_value"):
-            self.variable("cache", name, jnp.zeros, (b, h, d, length), k.dtype)
+            self.variable("cache", name, jnp.zeros, shape, k.dtype)
 
     def _decode_step(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array | None
+        self, q: jax.Array, k: jax.Array, v: jax.Array, where: DecodePosition
     ) -> jax.Array:
         """One token per row [B, 1, H, K] -> [B, 1, H, K]: attends to the cache and itself.
 
-        The step reads the cache as it was (positions < index) and attends to its own key and
-        value beside it, then writes them at `index`. Read before written, the cache is
-        updated in place; attending to the updated cache made XLA fuse a second copy of the
-        update into the attention and copy the whole cache so both could write.
+        The step reads the cache as it was (positions < index, each from the slot of the row
+        that wrote it for this hypothesis) and attends to its own key and value beside it,
+        then writes them at `index`. Read before written, the cache is updated in place:
+        attending to the updated cache made XLA fuse a second copy of the update into the
+        attention and copy the whole cache so both could write. Reading through `origin`
+        instead of reordering the caches by beam after each step saves a gather and a write
+        of every cache per step; the attention products grow by a factor of beams, which is
+        small beside the projections.
         """
         if q.shape[1] != 1:
             raise ValueError(f"decode steps take one token per row, got length {q.shape[1]}")
         cached_key, cached_value = (
             self.variable("cache", n) for n in ("cached_key", "cached_value")
         )
-        keys, values = cached_key.value, cached_value.value  # [B, H, K, L]
-        before = (jnp.arange(keys.shape[-1]) < index)[None, None, None, :]  # [1, 1, 1, L]
-        out = attend_stored(q, keys, values, before, own=(k, v))
-        start = (0, 0, 0, index)
-        # [B, 1, H, K] -> [B, H, K, 1]
-        cached_key.value = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1), start)
-        cached_value.value = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 3, 1), start)
-        return out
+        keys, values = cached_key.value, cached_value.value  # [B', H, K, G, L]
+        sentences, beams, length = keys.shape[0], keys.shape[3], keys.shape[4]
+        # [B, L] rows -> [B', G, L] slot within the sentence -> [B', G, J, L], one-hot over J.
+        slot = (where.origin % beams).reshape(sentences, beams, length)
+        select = slot[:, :, None, :] == jnp.arange(beams)[None, None, :, None]
+        before = (jnp.arange(length) < where.index)[None, None, None, :]  # [1, 1, 1, L]
+        grouped = [x.reshape(sentences, beams, *x.shape[2:]) for x in (q, k, v)]  # [B', G, H, K]
+        out = attend_stored(grouped[0], keys, values, before, own=grouped[1:], select=select)
+        # Written only once read: the write position depends on the attention's output
+        # (x != x is false unless NaN, where the step is lost anyway, and XLA cannot fold
+        # it); otherwise XLA may order the in-place write first, so it copied every cache.
+        after = jnp.any(out != out).astype(jnp.int32)
+        start = (0, 0, 0, 0, where.index + after)
+        # [B', G, H, K] -> [B', H, K, G, 1]
+        k, v = (x.transpose(0, 2, 3, 1)[..., None] for x in grouped[1:])
+        cached_key.value = jax.lax.dynamic_update_slice(keys, k, start)
+        cached_value.value = jax.lax.dynamic_update_slice(values, v, start)
+        return out.reshape(q.shape)
 
     def _attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, deterministic: bool
@@ -353,29 +378,39 @@ def attend_stored(
     keys: jax.Array,
     values: jax.Array,
     mask: jax.Array,
-    own: tuple[jax.Array, jax.Array] | None = None,
+    own: Sequence[jax.Array] | None = None,
+    select: jax.Array | None = None,
 ) -> jax.Array:
-    """Decode-step attention to keys and values as a cache stores them, [B, H, K, S].
+    """Decode-step attention to keys and values as a cache stores them, positions last.
 
     Contracted in that layout: going through [B, S, H, K], XLA transposed and copied every
     cache at every step.
 
     Args:
       q: [B, G, H, K] queries (G: one per beam, or the one new token).
-      keys, values: [B, H, K, S].
+      keys, values: [B, H, K, S], or [B, H, K, J, S] with `select`.
       mask: bool, broadcastable to [B, H, G, S]; True where attention is allowed.
       own: each query's own key and value [B, G, H, K], attended beside the stored ones.
+      select: bool [B, G, J, S], one True per (query, position): the slot j that query reads
+        position s from.
     Returns:
       [B, G, H, K].
     """
+    if select is None:
+        keys, values = keys[:, :, :, None], values[:, :, :, None]  # [B, H, K, 1, S]
+        select = jnp.ones((1, 1, 1, 1), jnp.bool_)
     scale = 1.0 / np.sqrt(q.shape[-1])
-    scores = jnp.einsum("BGHK,BHKS->BHGS", q, keys) * scale  # [B, H, G, S]
+    every = jnp.einsum("BGHK,BHKJS->BHGJS", q, keys)  # [B, H, G, J, S]
+    scores = jnp.sum(jnp.where(select[:, None], every, 0), axis=3) * scale  # [B, H, G, S]
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     if own is not None:
         own_score = jnp.einsum("BGHK,BGHK->BHG", q, own[0]) * scale  # [B, H, G]
         scores = jnp.concatenate([scores, own_score[..., None]], axis=-1)  # [B, H, G, S + 1]
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    out = jnp.einsum("BHGS,BHKS->BGHK", probs[..., : keys.shape[-1]], values)
+    spread = jnp.where(
+        select[:, None], probs[:, :, :, None, : keys.shape[-1]], 0
+    )  # [B, H, G, J, S]
+    out = jnp.einsum("BHGJS,BHKJS->BGHK", spread, values)
     if own is not None:
         out += probs[..., -1].transpose(0, 2, 1)[..., None] * own[1]  # [B, G, H, 1] x [B, G, H, K]
     return out
@@ -445,7 +480,7 @@ class DecoderLayer(nn.Module):
         *,
         deterministic: bool,
         decode: bool = False,
-        decode_index: jax.Array | None = None,
+        decode_position: DecodePosition | None = None,
     ) -> jax.Array:
         """y [B, T, D], memory [B', S, D] -> [B, T, D]; masks as in `Attention`."""
         cfg = self.config
@@ -454,7 +489,7 @@ class DecoderLayer(nn.Module):
         self_attention = Attention(cfg, name="self_attention")
         y = residual(
             y,
-            lambda h: self_attention(h, None, self_mask, decode_index=decode_index, **kw),
+            lambda h: self_attention(h, None, self_mask, decode_position=decode_position, **kw),
             "self_attention_norm",
         )
         cross_attention = Attention(cfg, cross=True, name="cross_attention")
@@ -574,9 +609,9 @@ class Decoder(nn.Module):
         positions = _positions(decoder_inputs, targets_positions)
         self_mask = nn.make_causal_mask(decoder_inputs, dtype=jnp.bool_)  # [B, 1, T, T]
         self_mask = _and(self_mask, _segment_mask(targets_segment_ids, targets_segment_ids))
-        index = None
+        where = None
         if decode:
-            positions, index, cross_mask = self._decode_state(inputs, positions)
+            positions, where, cross_mask = self._decode_state(inputs, decoder_inputs, positions)
         else:
             cross_mask = (inputs != cfg.pad_id)[:, None, None, :]  # [B', 1, 1, S]
             cross_mask = _and(cross_mask, _segment_mask(targets_segment_ids, inputs_segment_ids))
@@ -586,29 +621,38 @@ class Decoder(nn.Module):
         for i in range(cfg.decoder_layers):
             y = DecoderLayer(cfg, name=f"layer_{i}")(
                 y, encoded, self_mask, cross_mask,
-                deterministic=deterministic, decode=decode, decode_index=index,
+                deterministic=deterministic, decode=decode, decode_position=where,
             )  # fmt: skip
         if cfg.pre_norm:
             y = _layer_norm(cfg, "final_norm")(y)
         return self._logits(y)
 
     def _decode_state(
-        self, inputs: jax.Array | None, positions: jax.Array
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-        """Decode mode's positions, step index and cross mask, kept in the "cache" collection.
+        self, inputs: jax.Array | None, decoder_inputs: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, DecodePosition, jax.Array]:
+        """Decode mode's positions, `DecodePosition` and cross mask, kept in the "cache".
 
-        The cache-filling call stores the source padding mask [B', 1, 1, S] and leaves the index
-        at 0; each step reads them and advances the index by one.
+        The cache-filling call (decoder_inputs [B, L]) stores the source padding mask
+        [B', 1, 1, S], the index 0 and the origin of every position, its own row; each step
+        reads them, claims position index for each row's own cache, and advances the index.
         """
+        rows, length = decoder_inputs.shape
         initialized = self.has_variable("cache", "index")
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        own_rows = jnp.arange(rows, dtype=jnp.int32)
+        origin = self.variable(
+            "cache", "origin", lambda: jnp.broadcast_to(own_rows[:, None], (rows, length))
+        )
         if not initialized:
             keep = (inputs != self.config.pad_id)[:, None, None, :]
             self.variable("cache", "source_mask", lambda: keep)
-            return positions, None, keep
+            return positions, DecodePosition(None, origin.value, rows // inputs.shape[0]), keep
         step = index.value
         index.value = step + 1
-        return jnp.full((1, 1), step), step, self.get_variable("cache", "source_mask")
+        origin.value = origin.value.at[:, step].set(own_rows)
+        keep = self.get_variable("cache", "source_mask")
+        where = DecodePosition(step, origin.value, rows // keep.shape[0])
+        return jnp.full((1, 1), step), where, keep
 
     def _logits(self, y: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""
