@@ -5,10 +5,12 @@ Dimension letters used in shapes and einsums throughout:
   L max decode length, D d_model, H heads, K head_dim, F d_ff, V vocabulary.
 
 Decode mode (`decode=True`) keeps, per decoder layer, a self-attention cache of keys and values
-`[B, H, K, L]` and the encoder–decoder keys and values `[sentences, H, K, S]`, projected once
-per source sentence: positions last, the layout XLA's attention dots read, so no decode step
-transposes a cache. Queries of several beams of one sentence are folded into the query axis
-when they meet those keys, so beams never copy them.
+`[sentences, H, K, beams, L]` and the encoder–decoder keys and values `[sentences, H, K, S]`,
+projected once per source sentence: positions last, the layout XLA's attention dots read, so
+no decode step transposes a cache. Neither is reordered by beam search (their leading axis is
+sentences); the decoder keeps an `origin [B, L]` table instead, reordered with the beams, that
+names the beam slot holding each position of each hypothesis (`DecodePosition`). Queries of several beams of one sentence are
+folded into the query axis when they meet the keys, so beams never copy them.
 """
 
 from __future__ import annotations
