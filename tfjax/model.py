@@ -9,8 +9,9 @@ Decode mode (`decode=True`) keeps, per decoder layer, a self-attention cache of 
 projected once per source sentence: positions last, the layout XLA's attention dots read, so
 no decode step transposes a cache. Neither is reordered by beam search (their leading axis is
 sentences); the decoder keeps an `origin [B, L]` table instead, reordered with the beams, that
-names the beam slot holding each position of each hypothesis (`DecodePosition`). Queries of several beams of one sentence are
-folded into the query axis when they meet the keys, so beams never copy them.
+names the beam slot holding each position of each hypothesis (`DecodePosition`). Queries of
+several beams of one sentence are folded into the query axis when they meet the keys, so
+beams never copy them.
 """
 
 from __future__ import annotations
