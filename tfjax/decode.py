@@ -89,8 +89,10 @@ def _top_alternatives(log_probs: jax.Array, num_top: int) -> tuple[jax.Array, ja
         # Empty arrays keep the output structure fixed without a top-k over the vocabulary.
         empty = log_probs.shape[:-1] + (0,)
         return jnp.zeros(empty, jnp.int32), jnp.zeros(empty, jnp.float32)
-    top_log_probs, top_ids = lax.top_k(log_probs, num_top)
-    return top_ids.astype(jnp.int32), jnp.exp(top_log_probs)
+    # [..., vocab] -> [rows, vocab] -> [rows, num_top] -> [..., num_top]
+    top_log_probs, top_ids = top_k_blocked(log_probs.reshape(-1, log_probs.shape[-1]), num_top)
+    shape = (*log_probs.shape[:-1], num_top)
+    return top_ids.reshape(shape).astype(jnp.int32), jnp.exp(top_log_probs).reshape(shape)
 
 
 def filter_logits(
