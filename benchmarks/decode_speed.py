@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 from provenance import code_version
 
-from tfjax import generate
+from tfjax import decode, generate
 from tfjax.interop.marian import MarianImport, load_marian
 from tfjax.model import Transformer
 
@@ -138,7 +138,7 @@ def time_calls(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
     return times, out
 
 
-def ban_eos_before(step: int) -> generate.LogitsProcessor:
+def ban_eos_before(step: int) -> decode.LogitsProcessor:
     """Bans pad (the decoder start) always and eos at steps < `step`; forces eos from `step`."""
 
     def processor(logits: jax.Array, t: jax.Array) -> jax.Array:
@@ -149,7 +149,7 @@ def ban_eos_before(step: int) -> generate.LogitsProcessor:
     return processor
 
 
-def counting(processor: generate.LogitsProcessor, calls: list[int]) -> generate.LogitsProcessor:
+def counting(processor: decode.LogitsProcessor, calls: list[int]) -> decode.LogitsProcessor:
     """`processor`, plus a host callback that appends to `calls` once per model call."""
 
     def counted(logits: jax.Array, t: jax.Array) -> jax.Array:
@@ -157,6 +157,11 @@ def counting(processor: generate.LogitsProcessor, calls: list[int]) -> generate.
         return processor(logits, t)
 
     return counted
+
+
+def marian_spec(processor: decode.LogitsProcessor) -> decode.DecodeSpec:
+    """Marian's special ids (the decoder starts from pad) with `processor`."""
+    return decode.DecodeSpec(bos_id=PAD, eos_id=EOS, pad_id=PAD, logits_processor=processor)
 
 
 class TfjaxEngine:
@@ -170,33 +175,24 @@ class TfjaxEngine:
     def decode(
         self, inputs: np.ndarray, beam: int, processor: Any = None, max_len: int = STEPS
     ) -> Any:
-        common = dict(
-            max_decode_len=max_len,
-            bos_id=PAD,
-            eos_id=EOS,
-            pad_id=PAD,
-            logits_processor=processor or self.processor,
-        )
+        spec = marian_spec(processor or self.processor)
         if beam == 1:
-            return generate.translate_greedy(self.model, self.params, inputs, **common)
+            return generate.translate_greedy(
+                self.model, self.params, inputs, spec, max_decode_len=max_len
+            )
         return generate.translate_beam(
-            self.model, self.params, inputs, beam_size=beam, alpha=0.0, **common
+            self.model, self.params, inputs, spec, max_decode_len=max_len, beam_size=beam, alpha=0.0
         )
 
     def compile_seconds(self, inputs: np.ndarray, beam: int) -> float:
         """Time to trace and compile the decoder for this shape (nothing cached)."""
         fn = generate.translate_greedy if beam == 1 else generate.translate_beam
-        kwargs = dict(
-            max_decode_len=STEPS,
-            bos_id=PAD,
-            eos_id=EOS,
-            pad_id=PAD,
-            logits_processor=ban_eos_before(STEPS),  # a new object: a fresh compile
-        )
+        spec = marian_spec(ban_eos_before(STEPS))  # a new processor object: a fresh compile
+        kwargs = dict(max_decode_len=STEPS)
         if beam > 1:
             kwargs.update(beam_size=beam, alpha=0.0)
         tick = time.perf_counter()
-        fn.lower(self.model, self.params, inputs, **kwargs).compile()
+        fn.lower(self.model, self.params, inputs, spec, **kwargs).compile()
         return time.perf_counter() - tick
 
     def run(self, inputs: np.ndarray, beam: int) -> np.ndarray:
@@ -249,7 +245,7 @@ def cache_bytes(engine: TfjaxEngine, sentences: int, beam: int) -> tuple[int, in
     """(self-attention, encoder-decoder) bytes of the cache the beam decoder starts from."""
     cache = generate.init_cache(engine.model, engine.params, source_ids(sentences), beam, STEPS)
     total = {"self": 0, "cross": 0}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(cache["model"]):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
         name = jax.tree_util.keystr(path)
         if "cached_" in name:  # keys and values; not the step index or the source mask
             total["cross" if "cross_attention" in name else "self"] += leaf.nbytes

@@ -1,5 +1,6 @@
-"""Tests of tfjax.decode against no-cache NumPy references on toy logits callbacks."""
+"""Tests of tfjax.decode and tfjax.beam_search against no-cache NumPy references, toy callbacks."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -8,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfjax import decode
+from tfjax import beam_search, decode
 
 PAD, BOS, EOS = 0, 2, 3
+SPEC = decode.DecodeSpec(bos_id=BOS, eos_id=EOS, pad_id=PAD)
 
 
 class ToyModel:
@@ -94,8 +96,9 @@ def penalised(log_prob_sum: float, length: int, alpha: float, style: str) -> flo
     return log_prob_sum / divisor
 
 
-def jit_decoder(fn, model: ToyModel, **kwargs):
-    return jax.jit(functools.partial(fn, model.tokens_to_logits, **kwargs))
+def jit_decoder(fn, model: ToyModel, *, num_top: int = 0, processor=None, **kwargs):
+    spec = dataclasses.replace(SPEC, num_top=num_top, logits_processor=processor)
+    return jax.jit(functools.partial(fn, model.tokens_to_logits, spec=spec, **kwargs))
 
 
 def assert_history(model, sentence, tokens, token_log_probs, top_ids, top_probs, length):
@@ -266,7 +269,7 @@ def test_target_log_probs_equals_greedy_score(greedy_model, greedy_out):
     for b in range(4):
         for i in range(greedy_out.lengths[b]):
             logits[b, i] = greedy_model.ref_logits(b, tuple(greedy_out.tokens[b, :i]))
-    got = jax.jit(decode.target_log_probs)(logits, greedy_out.tokens)
+    got = jax.jit(functools.partial(decode.target_log_probs, pad_id=PAD))(logits, greedy_out.tokens)
     np.testing.assert_allclose(got, greedy_out.token_log_probs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got).sum(-1), greedy_out.score, rtol=1e-5)
 
@@ -277,7 +280,7 @@ def test_target_log_probs_equals_greedy_score(greedy_model, greedy_out):
 def ref_beam(model, sentence, beam, max_len, alpha, style, early_stop=True):
     """Straightforward beam search on the no-cache reference; returns (n-best, steps run).
 
-    Same rules as decode.beam_search: the 2 * beam best extensions by raw sum; those among
+    Same rules as beam_search.beam_search: the 2 * beam best extensions by raw sum; those among
     the best `beam` that end (eos or max_len) finish; the best `beam` others stay alive; stop
     (if early_stop) when the full pool's worst score >= the best score an alive extension
     could reach.
@@ -336,7 +339,7 @@ def test_beam_search_matches_numpy_reference(alpha, style):
     # eos grows likelier with position, so sentences stop early, each at its own step.
     model = ToyModel(vocab=9, batch=batch, max_len=max_len, seed=7, eos_ramp=1.0)
     run = jit_decoder(
-        decode.beam_search,
+        beam_search.beam_search,
         model,
         batch_size=batch,
         beam_size=beam,
@@ -362,7 +365,9 @@ def test_beam_search_keeps_per_sentence_leaf_uncopied():
     """The callback always sees bias [batch, vocab]; its values are pinned by the reference."""
     batch, beam = 2, 3
     model = ToyModel(vocab=9, batch=batch, max_len=5, seed=6)
-    run = jit_decoder(decode.beam_search, model, batch_size=batch, beam_size=beam, max_decode_len=5)
+    run = jit_decoder(
+        beam_search.beam_search, model, batch_size=batch, beam_size=beam, max_decode_len=5
+    )
     out = run(model.init_cache(batch * beam))
     assert out.top_ids.shape == out.top_probs.shape == (batch, beam, 5, 0)
     assert model.traced_cache_shapes
@@ -378,7 +383,7 @@ def test_reorder_cache_moves_only_per_hypothesis_leaves():
         "step": jnp.array(5),
     }
     parents = jnp.array([[2, 2, 0], [1, 0, 0]])
-    got = jax.jit(decode.reorder_cache)(cache, parents)
+    got = jax.jit(beam_search.reorder_cache)(cache, parents)
     rows = [2, 2, 0, 3 + 1, 3 + 0, 3 + 0]  # row = b * beam + parent
     np.testing.assert_array_equal(got["rows"], np.asarray(cache["rows"])[rows])
     np.testing.assert_array_equal(got["sentences"], cache["sentences"])
@@ -388,7 +393,7 @@ def test_reorder_cache_moves_only_per_hypothesis_leaves():
 def test_beam_size_one_equals_greedy(greedy_model, greedy_out):
     # With alpha = 0 and beam 1 the kept hypothesis is always the argmax extension.
     run = jit_decoder(
-        decode.beam_search,
+        beam_search.beam_search,
         greedy_model,
         batch_size=4,
         beam_size=1,
@@ -410,7 +415,7 @@ def test_beam_search_scores_at_least_greedy(greedy_model, greedy_out, alpha, sty
     # Not a theorem for narrow beams (greedy's prefix can be pruned), but it holds for these
     # distributions, and a regression in ranking or penalties would break it.
     run = jit_decoder(
-        decode.beam_search,
+        beam_search.beam_search,
         greedy_model,
         batch_size=4,
         beam_size=4,
@@ -419,7 +424,7 @@ def test_beam_search_scores_at_least_greedy(greedy_model, greedy_out, alpha, sty
         length_penalty=style,
     )
     out = jax.device_get(run(greedy_model.init_cache(16)))
-    greedy = decode.penalised_score(
+    greedy = beam_search.penalised_score(
         greedy_out.score, greedy_out.lengths, alpha=alpha, length_penalty=style
     )
     assert np.all(out.scores[:, 0] >= greedy - 1e-5)
@@ -445,7 +450,7 @@ def test_wide_beam_finds_brute_force_nbest(alpha, style):
     batch, beam, max_len = 2, 36, 3
     model = ToyModel(vocab=5, batch=batch, max_len=max_len, seed=8)
     run = jit_decoder(
-        decode.beam_search,
+        beam_search.beam_search,
         model,
         batch_size=batch,
         beam_size=beam,
@@ -468,7 +473,7 @@ def test_beam_search_stops_when_eos_is_forced():
     batch, beam, max_len = 2, 3, 8
     model = ToyModel(vocab=9, batch=batch, max_len=max_len, seed=9, force_eos_from=2)
     run = jit_decoder(
-        decode.beam_search,
+        beam_search.beam_search,
         model,
         batch_size=batch,
         beam_size=beam,
@@ -486,19 +491,49 @@ def test_beam_search_stops_when_eos_is_forced():
         assert np.all(out.top_ids[b, k, end:] == PAD) and np.all(out.top_probs[b, k, end:] == 0)
 
 
+@pytest.mark.parametrize("decoder", ["greedy", "sample", "beam"])
+def test_decoders_apply_the_processor_at_each_step(decoder):
+    """Token 1 banned, eos forced at step 3: every hypothesis obeys, and its records are of
+    the processed distribution (the forced eos has log-prob 0, token 1 probability 0)."""
+    model = ToyModel(vocab=9, batch=2, max_len=8, seed=10)
+    processor = decode.chain(decode.ban_tokens([1]), decode.force_eos_at_end(EOS, 4))
+    fn = {"greedy": decode.greedy_search, "sample": decode.sample}.get(decoder)
+    beam = {} if fn else dict(beam_size=3)
+    rng = (jax.random.key(1),) if decoder == "sample" else ()
+    run = jit_decoder(
+        fn or beam_search.beam_search,
+        model,
+        batch_size=2,
+        max_decode_len=8,
+        num_top=9,
+        processor=processor,
+        **beam,
+    )
+    out = jax.device_get(run(model.init_cache(6 if beam else 2), *rng))
+    lengths = out.lengths.reshape(-1)  # [hypotheses]
+    tokens = out.tokens.reshape(len(lengths), -1)  # [hypotheses, 8]
+    assert np.all((1 <= lengths) & (lengths <= 4)) and np.any(lengths == 4)
+    assert np.all(tokens[np.arange(len(lengths)), lengths - 1] == EOS) and 1 not in tokens
+    forced = out.token_log_probs.reshape(len(lengths), -1)[lengths == 4, 3]
+    np.testing.assert_array_equal(forced, 0.0)
+    banned = np.where(out.top_ids == 1, out.top_probs, 0.0)
+    np.testing.assert_array_equal(banned, 0.0)
+
+
 def test_penalised_score_styles():
     sums, lengths = jnp.array([-6.0, -6.0]), jnp.array([1, 7])
     np.testing.assert_allclose(
-        decode.penalised_score(sums, lengths, alpha=1.0, length_penalty="gnmt"), [-6.0, -3.0]
+        beam_search.penalised_score(sums, lengths, alpha=1.0, length_penalty="gnmt"), [-6.0, -3.0]
     )
     np.testing.assert_allclose(
-        decode.penalised_score(sums, lengths, alpha=1.0, length_penalty="plain"), [-6.0, -6 / 7]
+        beam_search.penalised_score(sums, lengths, alpha=1.0, length_penalty="plain"),
+        [-6.0, -6 / 7],
     )
     np.testing.assert_allclose(
-        decode.penalised_score(sums, lengths, alpha=0.0, length_penalty="gnmt"), [-6.0, -6.0]
+        beam_search.penalised_score(sums, lengths, alpha=0.0, length_penalty="gnmt"), [-6.0, -6.0]
     )
     with pytest.raises(ValueError, match="'fairseq'"):
-        decode.penalised_score(sums, lengths, alpha=1.0, length_penalty="fairseq")
+        beam_search.penalised_score(sums, lengths, alpha=1.0, length_penalty="fairseq")
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "minus_inf"])

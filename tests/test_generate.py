@@ -4,6 +4,8 @@ References re-run the whole teacher-forced forward pass on each chosen prefix, w
 the prefix is padded to MAX_LEN, which the causal mask makes invisible to the positions read.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,13 +65,15 @@ def tiny():
     return model, params, jnp.asarray(inputs, jnp.int32), forward
 
 
-KW = dict(max_decode_len=MAX_LEN, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+SPEC = decode.DecodeSpec(bos_id=BOS, eos_id=EOS, pad_id=PAD)
+TOP = dataclasses.replace(SPEC, num_top=NUM_TOP)
+KW = dict(max_decode_len=MAX_LEN)
 
 
 @pytest.fixture(scope="module")
 def greedy_out(tiny):
     model, params, inputs, _ = tiny
-    return jax.device_get(G.translate_greedy(model, params, inputs, num_top=NUM_TOP, **KW))
+    return jax.device_get(G.translate_greedy(model, params, inputs, TOP, **KW))
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -165,7 +169,7 @@ def test_sample_matches_full_forward(tiny, greedy_out):
     model, params, inputs, _ = tiny
     rng = jax.random.key(7)
     sampling = dict(temperature=0.8, top_k=5, top_p=0.9)
-    out = G.translate_sample(model, params, inputs, rng, num_top=NUM_TOP, **sampling, **KW)
+    out = G.translate_sample(model, params, inputs, rng, TOP, **sampling, **KW)
 
     def choose(logits, step):
         filtered = decode.filter_logits(jnp.asarray(logits), **sampling)
@@ -186,22 +190,20 @@ def np_ban_and_force(logits: np.ndarray, step: int) -> np.ndarray:
     return logits
 
 
-BAN_AND_FORCE = G.chain(G.ban_tokens([PAD, 5]), G.force_eos_at_end(EOS, MAX_LEN))
+BAN_AND_FORCE = decode.chain(decode.ban_tokens([PAD, 5]), decode.force_eos_at_end(EOS, MAX_LEN))
 
 
 def test_logits_processor_sees_each_step(tiny):
     """Greedy and score with a processor equal the reference with its NumPy twin."""
     model, params, inputs, _ = tiny
-    kw = dict(num_top=NUM_TOP, logits_processor=BAN_AND_FORCE, **KW)
-    out = jax.device_get(G.translate_greedy(model, params, inputs, **kw))
+    spec = dataclasses.replace(TOP, logits_processor=BAN_AND_FORCE)
+    out = jax.device_get(G.translate_greedy(model, params, inputs, spec, **KW))
     prefixes = ref_rows(tiny, lambda logits, step: logits.argmax(-1), np_ban_and_force)
     assert_rows_match(tiny, out, prefixes, np_ban_and_force)
     # Forced eos: every row ends by MAX_LEN, and the banned tokens never appear.
     assert np.all(out.tokens[np.arange(BATCH), out.lengths - 1] == EOS)
     assert 5 not in out.tokens[out.tokens != PAD]
-    scored = G.score(
-        model, params, inputs, out.tokens, bos_id=BOS, pad_id=PAD, logits_processor=BAN_AND_FORCE
-    )
+    scored = G.score(model, params, inputs, out.tokens, spec)
     np.testing.assert_allclose(scored, out.token_log_probs, atol=ATOL)
 
 
@@ -213,7 +215,7 @@ def test_score_equals_full_forward_prefix_by_prefix(tiny):
         if length < MAX_LEN:  # row 2 runs to MAX_LEN without eos
             targets[b, length - 1] = EOS
             targets[b, length:] = PAD
-    got = np.asarray(G.score(model, params, inputs, jnp.asarray(targets), bos_id=BOS, pad_id=PAD))
+    got = np.asarray(G.score(model, params, inputs, jnp.asarray(targets), SPEC))
     expected = np.zeros((BATCH, MAX_LEN))
     for t in range(MAX_LEN):
         log_probs = log_softmax(next_logits(tiny, range(BATCH), [tuple(r[:t]) for r in targets]))
@@ -232,7 +234,7 @@ def test_score_gives_back_greedy_log_probs(tiny, greedy_out):
     """
     model, params, inputs, _ = tiny
     tokens = greedy_out.tokens
-    got = np.asarray(G.score(model, params, inputs, jnp.asarray(tokens), bos_id=BOS, pad_id=PAD))
+    got = np.asarray(G.score(model, params, inputs, jnp.asarray(tokens), SPEC))
     inside = np.arange(MAX_LEN) < greedy_out.lengths[:, None]
     assert np.any(inside & (tokens == PAD))  # the case the docstring describes does occur
     expected = np.where(tokens == PAD, 0.0, greedy_out.token_log_probs)
@@ -248,9 +250,9 @@ def penalised(log_prob_sum: float, length: int, alpha: float, style: str) -> flo
 def ref_beam(tiny, beam, alpha, style):
     """Beam search over full-forward log-probs, every sentence in lockstep, all MAX_LEN steps.
 
-    Same rules as decode.beam_search: the 2 * beam best extensions by raw sum; those among the
+    Same rules as beam_search.beam_search: the 2 * beam best extensions by raw sum; those among the
     best `beam` that end (eos or MAX_LEN) finish, scored with the penalty; the best `beam`
-    others stay alive. No early stopping, which decode.beam_search says never changes the
+    others stay alive. No early stopping, which beam_search.beam_search says never changes the
     n-best. Returns per sentence a list of (score, log-prob sum, tokens), best first.
     """
     alive = [[(0.0, ())] for _ in range(BATCH)]
@@ -282,10 +284,10 @@ def test_beam_matches_full_forward_beam_search(tiny, greedy_out):
         model,
         params,
         inputs,
+        TOP,
         beam_size=beam,
         alpha=alpha,
         length_penalty=style,
-        num_top=NUM_TOP,
         **KW,
     )
     out = jax.device_get(out)
@@ -307,7 +309,7 @@ def test_beam_matches_full_forward_beam_search(tiny, greedy_out):
 
 def test_beam_size_one_equals_greedy(tiny, greedy_out):
     model, params, inputs, _ = tiny
-    out = G.translate_beam(model, params, inputs, beam_size=1, alpha=0.0, num_top=NUM_TOP, **KW)
+    out = G.translate_beam(model, params, inputs, TOP, beam_size=1, alpha=0.0, **KW)
     out = jax.device_get(out)
     np.testing.assert_array_equal(out.tokens[:, 0], greedy_out.tokens)
     np.testing.assert_array_equal(out.lengths[:, 0], greedy_out.lengths)
@@ -401,7 +403,7 @@ def assert_same_tokens(ours: np.ndarray, theirs: torch.Tensor) -> None:
     assert np.all(ours[:, theirs.shape[1] :] == HF_PAD)
 
 
-HF_KW = dict(max_decode_len=HF_LEN, bos_id=HF_PAD, eos_id=HF_EOS, pad_id=HF_PAD)
+HF_SPEC = decode.DecodeSpec(bos_id=HF_PAD, eos_id=HF_EOS, pad_id=HF_PAD)
 
 
 def test_greedy_matches_hugging_face_marian(marian):
@@ -411,9 +413,10 @@ def test_greedy_matches_hugging_face_marian(marian):
     exactly; HF `scores` are those processed logits, whose log-softmax is our token log-prob.
     """
     hf, model, params, src = marian
-    processor = G.chain(G.ban_tokens([HF_PAD]), G.force_eos_at_end(HF_EOS, HF_LEN))
+    processor = decode.chain(decode.ban_tokens([HF_PAD]), decode.force_eos_at_end(HF_EOS, HF_LEN))
     theirs = hf_generate(hf, src, bad_words_ids=[[HF_PAD]], forced_eos_token_id=HF_EOS)
-    out = G.translate_greedy(model, params, jnp.asarray(src), logits_processor=processor, **HF_KW)
+    spec = dataclasses.replace(HF_SPEC, logits_processor=processor)
+    out = G.translate_greedy(model, params, jnp.asarray(src), spec, max_decode_len=HF_LEN)
     out = jax.device_get(out)
     assert_same_tokens(out.tokens, theirs.sequences)
     lengths = out.lengths.tolist()
@@ -429,14 +432,14 @@ def test_greedy_matches_hugging_face_marian(marian):
 def test_beam_search_matches_hugging_face_marian(marian, alpha, force_eos):
     """The whole 4-best list and its scores equal HF's `num_return_sequences=4`.
 
-    early_stopping="never" makes HF stop on a true bound, as decode.beam_search does. Pad is
+    early_stopping="never" makes HF stop on a true bound, as beam_search.beam_search does. Pad is
     not banned: HF beam search bans on log-probabilities without renormalising, which a
     logits hook cannot reproduce, so its scores would differ by log(1 - p(pad)) per step.
     Forcing eos at the last step is exact either way: HF gives eos log-prob 0, as we do.
     """
     hf, model, params, src = marian
     beam = 4
-    processor = G.force_eos_at_end(HF_EOS, HF_LEN) if force_eos else None
+    processor = decode.force_eos_at_end(HF_EOS, HF_LEN) if force_eos else None
     theirs = hf_generate(
         hf,
         src,
@@ -450,11 +453,11 @@ def test_beam_search_matches_hugging_face_marian(marian, alpha, force_eos):
         model,
         params,
         jnp.asarray(src),
+        dataclasses.replace(HF_SPEC, logits_processor=processor),
+        max_decode_len=HF_LEN,
         beam_size=beam,
         alpha=alpha,
         length_penalty="plain",
-        logits_processor=processor,
-        **HF_KW,
     )
     out = jax.device_get(out)
     assert_same_tokens(out.tokens.reshape(HF_BATCH * beam, HF_LEN), theirs.sequences)
@@ -501,8 +504,8 @@ def test_wide_beam_on_the_model_finds_the_brute_force_best(brute, alpha):
     """Vocabulary 5, at most 2 tokens: every hypothesis fits the beam, so nothing is pruned."""
     model, params, inputs, table = brute
     beam = G.translate_beam(
-        model, params, inputs, max_decode_len=BRUTE_LEN, bos_id=BOS, eos_id=EOS, pad_id=PAD,
-        beam_size=len(BRUTE_OUTPUTS), alpha=alpha,
+        model, params, inputs, SPEC, max_decode_len=BRUTE_LEN, beam_size=len(BRUTE_OUTPUTS),
+        alpha=alpha,
     )  # fmt: skip
     for b in range(2):
         score, seq = max(

@@ -1,6 +1,7 @@
 """Semantics of tfjax.model: masks, packing, the decode cache, attention, sizes and dtypes."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from tfjax import decode
-from tfjax import model as M
+from tfjax import beam_search
+from tfjax.model import Transformer, TransformerConfig, preset
+from tfjax.model.attention import Attention
+from tfjax.model.layers import AXES, EMBED, HEADS, KV, LENGTH, MLP, VOCAB, sinusoids
+from tfjax.model.transformer import tied_logits
+from tfjax.sharding import DEFAULT_RULES
 
 PAD = 0
 BOS = 2
@@ -18,8 +23,8 @@ BOS = 2
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny post-LN model and its parameters, shared by the tests in this module."""
-    cfg = M.preset("tiny")
-    model = M.Transformer(cfg)
+    cfg = preset("tiny")
+    model = Transformer(cfg)
     src = jnp.ones((1, 8), jnp.int32)
     params = nn.unbox(model.init(jax.random.key(0), src, src)["params"])
     return cfg, model, params
@@ -124,7 +129,7 @@ def test_beams_share_one_copy_of_cross_attention_keys(tiny, forward):
 
 
 def test_beam_reordered_cache_reproduces_teacher_forcing_of_each_history(tiny, forward):
-    """After each step the rows continue random parents (decode.reorder_cache, as beam search
+    """After each step the rows continue random parents (beam_search.reorder_cache, as beam search
     does); every row's logits must be the full forward pass over the history it inherited."""
     cfg, model, params = tiny
     rng = np.random.default_rng(6)
@@ -147,10 +152,45 @@ def test_beam_reordered_cache_reproduces_teacher_forcing_of_each_history(tiny, f
         full = forward(jnp.repeat(src, beams, axis=0), jnp.asarray(history))[:, -1]
         np.testing.assert_allclose(logits, full, atol=1e-5)
         parents = rng.integers(0, beams, size=(sentences, beams))
-        cache = decode.reorder_cache(state["cache"], jnp.asarray(parents))
+        cache = beam_search.reorder_cache(state["cache"], jnp.asarray(parents))
         rows = (np.arange(sentences)[:, None] * beams + parents).reshape(-1)
         if t + 1 < length:
             history = np.concatenate([history[rows], tokens[:, t + 1 : t + 2]], axis=1)
+
+
+# An HLO instruction "%name = f32[2,4,8,3,6]{4,3,2,1,0} opcode(": its name, shape and opcode.
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])\S* ([\w-]+)\(")
+
+
+def test_decode_step_updates_self_attention_caches_in_place(tiny):
+    """No decode step copies a self-attention cache [B', H, K, beams, L]: it writes in place.
+
+    `Attention._decode_step` makes its write position depend on the attention output, so XLA
+    reads each cache before writing it. Without that, XLA:CPU copied every cache twice per
+    step (8 copies here: 2 layers x keys and values x 2).
+    """
+    cfg, model, params = tiny
+    sentences, beams, length = 2, 3, 6
+    src = jnp.ones((sentences, 5), jnp.int32)
+    enc = model.apply({"params": params}, src, method=model.encode)
+    cache = model.apply(
+        {"params": params}, enc, src, sentences * beams, length,
+        method=model.init_cache, mutable=["cache"],
+    )[1]["cache"]  # fmt: skip
+    step = jax.jit(
+        lambda cache, ids: model.apply(
+            {"params": params, "cache": cache}, ids, method=model.decode_step, mutable=["cache"]
+        ),
+        donate_argnums=(0,),
+    )
+    ids = jnp.full((sentences * beams, 1), BOS, jnp.int32)
+    hlo = step.lower(cache, ids).compile().as_text()
+    shape = f"f32[{sentences},{cfg.num_heads},{cfg.kv_dim},{beams},{length}]"
+    instructions = [m.groups() for m in map(_HLO_INSTRUCTION.match, hlo.splitlines()) if m]
+    updates = [name for name, s, op in instructions if s == shape and op == "dynamic-update-slice"]
+    assert len(updates) == 2 * cfg.decoder_layers  # the pattern does find the cache writes
+    copies = [name for name, s, op in instructions if s == shape and "copy" in f"{name} {op}"]
+    assert copies == []
 
 
 def _np_softmax(x):
@@ -159,8 +199,8 @@ def _np_softmax(x):
 
 
 def test_attention_matches_numpy_reference():
-    cfg = M.preset("tiny")
-    attention = M.Attention(cfg)
+    cfg = preset("tiny")
+    attention = Attention(cfg)
     rng = np.random.default_rng(5)
     x = rng.normal(size=(2, 5, cfg.d_model)).astype(np.float32)
     mask = np.ones((2, 1, 5, 5), bool)
@@ -184,7 +224,7 @@ def test_attention_matches_numpy_reference():
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
-def _param_count(cfg: M.TransformerConfig) -> int:
+def _param_count(cfg: TransformerConfig) -> int:
     """Shared embedding + encoder + decoder layers, with biases; tied output, post-LN."""
     d, f = cfg.d_model, cfg.d_ff
     attention = 4 * (d * d + d)  # query, key, value, output projections with biases
@@ -197,9 +237,9 @@ def _param_count(cfg: M.TransformerConfig) -> int:
 
 @pytest.mark.parametrize("vocab", [32000, 37000])
 def test_base_parameter_count(vocab):
-    cfg = M.preset("base", vocab_size=vocab)
+    cfg = preset("base", vocab_size=vocab)
     shapes = jax.eval_shape(
-        M.Transformer(cfg).init,
+        Transformer(cfg).init,
         jax.random.key(0),
         jnp.ones((1, 4), jnp.int32),
         jnp.ones((1, 4), jnp.int32),
@@ -211,7 +251,7 @@ def test_base_parameter_count(vocab):
 
 
 def test_every_parameter_has_logical_axis_names():
-    cfg = M.preset(
+    cfg = preset(
         "tiny",
         share_embeddings=False,
         tie_output=False,
@@ -220,18 +260,23 @@ def test_every_parameter_has_logical_axis_names():
         pre_norm=True,
     )
     src = jnp.ones((1, 4), jnp.int32)
-    boxed = M.Transformer(cfg).init(jax.random.key(0), src, src)["params"]
+    boxed = Transformer(cfg).init(jax.random.key(0), src, src)["params"]
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(leaf, nn.Partitioned) for leaf in leaves)
     for leaf in leaves:
         assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= {
-            M.VOCAB,
-            M.EMBED,
-            M.HEADS,
-            M.KV,
-            M.MLP,
-            M.LENGTH,
+            VOCAB,
+            EMBED,
+            HEADS,
+            KV,
+            MLP,
+            LENGTH,
         }
+
+
+def test_every_logical_axis_has_one_sharding_rule():
+    names = [name for name, _ in DEFAULT_RULES]
+    assert sorted(names) == sorted(AXES)
 
 
 @pytest.mark.parametrize(
@@ -245,8 +290,8 @@ def test_every_parameter_has_logical_axis_names():
     ],
 )
 def test_variants_keep_cache_equal_to_teacher_forcing(overrides):
-    cfg = M.preset("tiny", **overrides)
-    model = M.Transformer(cfg)
+    cfg = preset("tiny", **overrides)
+    model = Transformer(cfg)
     rng = np.random.default_rng(6)
     src = _tokens(rng, (2, 6), vocab=48).at[0, 4:].set(PAD)
     tgt = _tokens(rng, (2, 5), vocab=48).at[:, 0].set(BOS)
@@ -258,11 +303,11 @@ def test_variants_keep_cache_equal_to_teacher_forcing(overrides):
 
 
 def test_sinusoids_follow_the_paper():
-    table = M.sinusoids(50, 16)
+    table = sinusoids(50, 16)
     pos, i = 37, 3
     assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / 16)), abs=1e-6)
     assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / 16)), abs=1e-6)
-    half = M.sinusoids(50, 16, half=True)
+    half = sinusoids(50, 16, half=True)
     np.testing.assert_allclose(half[:, :8], table[:, 0::2])
     np.testing.assert_allclose(half[:, 8:], table[:, 1::2])
 
@@ -271,8 +316,8 @@ def test_bf16_compute_stays_close_to_fp32(tiny):
     cfg, _, params = tiny
     rng = np.random.default_rng(7)
     src, tgt = _tokens(rng, (4, 9)), _tokens(rng, (4, 8))
-    fp32 = jax.jit(M.Transformer(cfg).apply)({"params": params}, src, tgt)
-    bf16_model = M.Transformer(dataclasses.replace(cfg, dtype=jnp.bfloat16))
+    fp32 = jax.jit(Transformer(cfg).apply)({"params": params}, src, tgt)
+    bf16_model = Transformer(dataclasses.replace(cfg, dtype=jnp.bfloat16))
     bf16 = jax.jit(bf16_model.apply)({"params": params}, src, tgt)
     assert bf16.dtype == jnp.float32  # logits accumulate in float32 whatever the compute dtype
     p32, p16 = jax.nn.softmax(fp32), jax.nn.softmax(bf16)
@@ -282,10 +327,8 @@ def test_bf16_compute_stays_close_to_fp32(tiny):
 
 
 def test_dropout_is_active_only_when_not_deterministic():
-    cfg = M.preset(
-        "tiny", dropout_rate=0.3, attention_dropout_rate=0.3, activation_dropout_rate=0.3
-    )
-    model = M.Transformer(cfg)
+    cfg = preset("tiny", dropout_rate=0.3, attention_dropout_rate=0.3, activation_dropout_rate=0.3)
+    model = Transformer(cfg)
     rng = np.random.default_rng(8)
     src, tgt = _tokens(rng, (2, 6)), _tokens(rng, (2, 5))
     params = nn.unbox(model.init(jax.random.key(0), src, tgt)["params"])
@@ -313,7 +356,7 @@ def test_dropout_is_active_only_when_not_deterministic():
 )
 def test_bad_config_is_refused(bad, message):
     with pytest.raises(ValueError, match=message):
-        M.preset("tiny", **bad)
+        preset("tiny", **bad)
 
 
 def test_too_long_input_is_refused(tiny):
@@ -333,7 +376,7 @@ def test_tied_logits_gradient_matches_autodiff_of_the_einsum():
         return jnp.sum(g * jnp.einsum("btd,vd->btv", y, table))
 
     def tied(y, table):
-        return jnp.sum(g * M.tied_logits(y, table))
+        return jnp.sum(g * tied_logits(y, table))
 
     for got, want in zip(
         jax.grad(tied, (0, 1))(y, table), jax.grad(einsum, (0, 1))(y, table), strict=True

@@ -1,66 +1,35 @@
-"""The glue between the model and the decoders: encode once, build the cache, decode, score."""
+"""The decoders bound to the model (encode once, fill the cache, decode, score); the policy."""
 
 import functools
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from tfjax import decode
+from tfjax import beam_search, decode
+from tfjax.data import BOS_ID, EOS_ID, PAD_ID
 from tfjax.model import Transformer
 
 Params = Any  # the "params" collection of a Transformer, unboxed
-# An optional rewrite of the next-token logits before the decoder sees them:
-#   processor(logits [rows, vocab] float32, step [] int32) -> [rows, vocab] float32,
-# where step is the index of the token being chosen (0 for the one after bos). The decoders
-# take the log-softmax of what it returns, so banning a token (-inf) renormalises the rest;
-# recorded log-probabilities are those of the processed distribution. Processors are static
-# jit arguments: pass the same object to reuse a compilation.
-LogitsProcessor = Callable[[jax.Array, jax.Array], jax.Array]
-# The decoders' callback cache: the model's "cache" collection plus our own step counter,
-# a scalar, which beam search leaves in place (see decode.py's cache-leaf rule).
-_Cache = dict[str, Any]
+Cache = dict[str, Any]  # the Transformer's "cache" collection, the decoders' callback cache
+
+# Pad and bos are never a correct next token; banning them (and renormalising) keeps decoded
+# outputs re-scorable by `score`, which reads pad as the end of a target. One object, so the
+# jitted decoders see an equal spec, and reuse their compilation, every call.
+NEVER_EMIT = decode.ban_tokens((PAD_ID, BOS_ID))
 
 
-def ban_tokens(ids: Sequence[int]) -> LogitsProcessor:
-    """Never choose `ids`: Hugging Face's `bad_words_ids` with one-token entries.
-
-    Unlike here, Hugging Face beam search bans on log-probabilities without renormalising,
-    so its beam scores differ from ours by log(1 - p(banned)) per step.
-    """
-    banned = tuple(ids)  # a tuple, so that making a processor allocates no device array
-
-    def processor(logits: jax.Array, step: jax.Array) -> jax.Array:
-        return logits.at[:, jnp.asarray(banned, jnp.int32)].set(-jnp.inf)
-
-    return processor
-
-
-def force_eos_at_end(eos_id: int, max_decode_len: int) -> LogitsProcessor:
-    """Only eos at the last step: Hugging Face's `forced_eos_token_id`, with log p(eos) = 0."""
-
-    def processor(logits: jax.Array, step: jax.Array) -> jax.Array:
-        only_eos = jnp.where(jnp.arange(logits.shape[-1]) == eos_id, 0.0, -jnp.inf)  # [vocab]
-        return jnp.where(step == max_decode_len - 1, only_eos, logits)
-
-    return processor
-
-
-def chain(*processors: LogitsProcessor) -> LogitsProcessor:
-    """Applies `processors` in order, as a Hugging Face `LogitsProcessorList` does."""
-
-    def processor(logits: jax.Array, step: jax.Array) -> jax.Array:
-        for p in processors:
-            logits = p(logits, step)
-        return logits
-
-    return processor
+def translation_spec(num_top: int = 0) -> decode.DecodeSpec:
+    """The spec of every translation with a tfjax tokenizer: its special ids, `NEVER_EMIT`."""
+    return decode.DecodeSpec(
+        bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, num_top=num_top, logits_processor=NEVER_EMIT
+    )
 
 
 def init_cache(
     model: Transformer, params: Params, inputs: jax.Array, beam: int, max_decode_len: int
-) -> _Cache:
+) -> Cache:
     """Encodes inputs [B, S] once and fills the cache for rows = B * beam, batch-major."""
     variables = {"params": params}
     encoded = model.apply(variables, inputs, method=model.encode)  # [B, S, D]
@@ -73,30 +42,29 @@ def init_cache(
         method=model.init_cache,
         mutable=["cache"],
     )
-    return {"model": state["cache"], "step": jnp.zeros((), jnp.int32)}
+    return state["cache"]
 
 
-def _tokens_to_logits(
-    model: Transformer, params: Params, processor: LogitsProcessor | None
-) -> decode.TokensToLogits:
-    """The decoders' callback: ids [rows, 1] and cache -> logits [rows, V] and new cache."""
+def _tokens_to_logits(model: Transformer, params: Params) -> decode.TokensToLogits:
+    """The decoders' callback: ids [rows, 1] and cache -> logits [rows, V] and new cache.
 
-    def tokens_to_logits(ids: jax.Array, cache: _Cache) -> tuple[jax.Array, _Cache]:
+    The model's cache keeps its own position (`index`); the decoders give the step index to
+    the spec's logits processor, so the callback needs no counter of its own.
+    """
+
+    def tokens_to_logits(ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         logits, state = model.apply(
-            {"params": params, "cache": cache["model"]},
+            {"params": params, "cache": cache},
             ids,
             method=model.decode_step,
             mutable=["cache"],
         )  # [rows, V]
-        step = cache["step"]
-        if processor is not None:
-            logits = processor(logits.astype(jnp.float32), step)
-        return logits, {"model": state["cache"], "step": step + 1}
+        return logits, state["cache"]
 
     return tokens_to_logits
 
 
-_STATIC = ("model", "max_decode_len", "bos_id", "eos_id", "pad_id", "num_top", "logits_processor")
+_STATIC = ("model", "spec", "max_decode_len")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -104,13 +72,9 @@ def translate_greedy(
     model: Transformer,
     params: Params,
     inputs: jax.Array,
+    spec: decode.DecodeSpec,
     *,
     max_decode_len: int,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    num_top: int = 0,
-    logits_processor: LogitsProcessor | None = None,
 ) -> decode.DecodeOutput:
     """Greedy translation of a source batch; see `decode.greedy_search`.
 
@@ -118,24 +82,19 @@ def translate_greedy(
       model: the Transformer; its config's pad_id masks source padding.
       params: its "params" collection.
       inputs: [B, S] int source ids.
+      spec: target special ids, alternatives to record, logits processor; for a tfjax
+        tokenizer, `translation_spec()`.
       max_decode_len: tokens to generate at most, eos included (<= the config's max_len).
-      bos_id, eos_id: target start and end ids.
-      pad_id: written after a row's eos in the output.
-      num_top: alternatives to record per step.
-      logits_processor: optional; see `LogitsProcessor`.
 
     Returns:
       A `decode.DecodeOutput` with [B, max_decode_len] tokens.
     """
     return decode.greedy_search(
-        _tokens_to_logits(model, params, logits_processor),
+        _tokens_to_logits(model, params),
         init_cache(model, params, inputs, 1, max_decode_len),
+        spec,
         batch_size=inputs.shape[0],
         max_decode_len=max_decode_len,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        num_top=num_top,
     )
 
 
@@ -145,36 +104,30 @@ def translate_sample(
     params: Params,
     inputs: jax.Array,
     rng: jax.Array,
+    spec: decode.DecodeSpec,
     *,
     max_decode_len: int,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    num_top: int = 0,
-    logits_processor: LogitsProcessor | None = None,
 ) -> decode.DecodeOutput:
     """Sampled translation of a source batch; see `decode.sample`.
 
-    The processor runs before `decode.filter_logits`; recorded log-probabilities are those of
-    the processed, unfiltered distribution. Other arguments as in `translate_greedy`, plus
-    rng (a PRNG key) and temperature, top_k, top_p (see `decode.filter_logits`).
+    The spec's processor runs before `decode.filter_logits`; recorded log-probabilities are
+    those of the processed, unfiltered distribution. Other arguments as in
+    `translate_greedy`, plus rng (a PRNG key) and temperature, top_k, top_p (see
+    `decode.filter_logits`).
     """
     return decode.sample(
-        _tokens_to_logits(model, params, logits_processor),
+        _tokens_to_logits(model, params),
         init_cache(model, params, inputs, 1, max_decode_len),
         rng,
+        spec,
         batch_size=inputs.shape[0],
         max_decode_len=max_decode_len,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        num_top=num_top,
     )
 
 
@@ -183,51 +136,42 @@ def translate_beam(
     model: Transformer,
     params: Params,
     inputs: jax.Array,
+    spec: decode.DecodeSpec,
     *,
     max_decode_len: int,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
     beam_size: int,
     alpha: float = 0.6,
-    length_penalty: decode.LengthPenalty = "gnmt",
-    num_top: int = 0,
-    logits_processor: LogitsProcessor | None = None,
-) -> decode.BeamSearchOutput:
-    """Beam-search translation of a source batch; see `decode.beam_search`.
+    length_penalty: beam_search.LengthPenalty = "gnmt",
+) -> beam_search.BeamSearchOutput:
+    """Beam-search translation of a source batch; see `beam_search.beam_search`.
 
-    The cache holds B * beam_size rows of self-attention keys and values but one copy of
-    each sentence's encoder-decoder keys and values. Other arguments as in
-    `translate_greedy`, plus beam_size, alpha and length_penalty (see `decode.beam_search`).
+    The cache holds one copy of each sentence's keys and values, self-attention with a slot
+    per beam, and a per-hypothesis origin table that beam search reorders (see
+    `tfjax.model`). Other arguments as in `translate_greedy`, plus beam_size, alpha and
+    length_penalty (see `beam_search.beam_search`).
 
     Returns:
-      A `decode.BeamSearchOutput`: each sentence's n-best list [B, beam_size, ...].
+      A `beam_search.BeamSearchOutput`: each sentence's n-best list [B, beam_size, ...].
     """
-    return decode.beam_search(
-        _tokens_to_logits(model, params, logits_processor),
+    return beam_search.beam_search(
+        _tokens_to_logits(model, params),
         init_cache(model, params, inputs, beam_size, max_decode_len),
+        spec,
         batch_size=inputs.shape[0],
         beam_size=beam_size,
         max_decode_len=max_decode_len,
         alpha=alpha,
         length_penalty=length_penalty,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        num_top=num_top,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "bos_id", "pad_id", "logits_processor"))
+@functools.partial(jax.jit, static_argnames=("model", "spec"))
 def score(
     model: Transformer,
     params: Params,
     inputs: jax.Array,
     targets: jax.Array,
-    *,
-    bos_id: int,
-    pad_id: int,
-    logits_processor: LogitsProcessor | None = None,
+    spec: decode.DecodeSpec,
 ) -> jax.Array:
     """Teacher-forced log-probabilities of given targets; see `decode.target_log_probs`.
 
@@ -235,19 +179,52 @@ def score(
       model, params: as in `translate_greedy`.
       inputs: [B, S] int source ids.
       targets: [B, T] int target ids, eos included, pad_id after the end.
-      bos_id: the decoder's start id; the decoder sees bos + targets[:, :-1].
-      pad_id: target padding, scored 0 wherever it occurs. The decoders treat pad_id as an
-        ordinary token, so to re-score their outputs exactly, decode with
-        `ban_tokens([pad_id])` (Marian's setting) and pass the same processor here.
-      logits_processor: applied at every position t as at decode step t, so scoring a
-        decoder's output with its processor gives back its token log-probabilities.
+      spec: the decoder's; uses bos_id (the decoder sees bos + targets[:, :-1]), pad_id
+        (target padding, scored 0 wherever it occurs) and the logits processor, applied at
+        every position t as at decode step t. So scoring a decoder's output with its spec
+        gives back its token log-probabilities. The decoders treat pad_id as an ordinary
+        token, so to re-score their outputs exactly, decode with a processor that bans it
+        (Marian's setting; `translation_spec` does).
 
     Returns:
       [B, T] float32 log p(targets[:, t] | source, bos, targets[:, :t]); 0 at padding.
     """
-    decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=bos_id)  # [B, T]
+    # [B, T] -> [B, T]: bos, then the targets shifted right by one.
+    decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=spec.bos_id)
     logits = model.apply({"params": params}, inputs, decoder_inputs)  # [B, T, V]
-    if logits_processor is not None:
+    if spec.logits_processor is not None:
         steps = jnp.arange(targets.shape[1])  # [T]
-        logits = jax.vmap(logits_processor, in_axes=(1, 0), out_axes=1)(logits, steps)
-    return decode.target_log_probs(logits, targets, pad_id=pad_id)
+        logits = jax.vmap(spec.logits_processor, in_axes=(1, 0), out_axes=1)(logits, steps)
+    return decode.target_log_probs(logits, targets, pad_id=spec.pad_id)
+
+
+def decode_best(
+    model: Transformer,
+    params: Params,
+    inputs: np.ndarray,
+    *,
+    max_decode_len: int,
+    beam_size: int = 1,
+    alpha: float = 0.6,
+    num_top: int = 0,
+) -> Any:
+    """Each sentence's best translation of a source batch [B, S], fetched to the host.
+
+    Decodes with `translation_spec(num_top)`: greedy (a `decode.DecodeOutput`) when
+    beam_size == 1; otherwise the first of each n-best list: a
+    `beam_search.BeamSearchOutput` with the beam axis dropped ([B, beam, ...] -> [B, ...]).
+    """
+    spec = translation_spec(num_top)
+    if beam_size == 1:
+        out = translate_greedy(model, params, inputs, spec, max_decode_len=max_decode_len)
+        return jax.device_get(out)
+    out = translate_beam(
+        model,
+        params,
+        inputs,
+        spec,
+        max_decode_len=max_decode_len,
+        beam_size=beam_size,
+        alpha=alpha,
+    )
+    return jax.device_get(jax.tree_util.tree_map(lambda x: x[:, 0], out))

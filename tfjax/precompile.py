@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tfjax import evaluate, generate, sharding, train_lib
+from tfjax import generate, sharding, train_lib
 from tfjax.data import train_batch_shapes
 from tfjax.model import Transformer, TransformerConfig
 from tfjax.train_lib import TrainState
@@ -259,9 +259,10 @@ def compile_decoder(
         model,
         params,
         inputs,
+        generate.translation_spec(),
+        max_decode_len=config.max_target_len,
         beam_size=beam,
         alpha=config.eval_alpha,
-        **evaluate.decoder_options(config.max_target_len),
     )
     workload = f"{rows} sentences x {length} source tokens, {config.max_target_len} steps"
     return _report(f"beam-{beam} decoder", workload, lowered, None)

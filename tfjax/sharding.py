@@ -14,6 +14,8 @@ from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from tfjax.model.layers import BATCH, EMBED, HEADS, KV, LENGTH, MLP, VOCAB
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis (tfjax.model's names) -> mesh axes, by priority: a mesh axis already taken by an
@@ -21,13 +23,13 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # batch over data and fsdp and leave embed whole, while parameters [vocab, embed] shard embed
 # over fsdp (ZeRO-3 style) and vocab over tensor.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("embed", "fsdp"),
-    ("kv", None),
-    ("length", None),
+    (BATCH, ("data", "fsdp")),
+    (VOCAB, "tensor"),
+    (HEADS, "tensor"),
+    (MLP, "tensor"),
+    (EMBED, "fsdp"),
+    (KV, None),
+    (LENGTH, None),
 )
 
 

@@ -17,8 +17,9 @@ from absl import logging
 from tqdm import tqdm
 
 from tfjax import checkpoint, generate
-from tfjax.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
-from tfjax.evaluate import NEVER_EMIT, decode_best, scores
+from tfjax.data import EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from tfjax.evaluate import scores
+from tfjax.generate import decode_best
 from tfjax.model import Transformer, TransformerConfig
 
 LENGTH_BUCKET = 16  # source lengths are padded up to a multiple of this
@@ -179,15 +180,7 @@ class Translator:
             for row, t in enumerate(chunk):
                 tgt[row, : len(t)] = t[: tgt.shape[1]]
             log_probs = np.asarray(
-                generate.score(
-                    self.model,
-                    self.params,
-                    inputs,
-                    tgt,
-                    bos_id=BOS_ID,
-                    pad_id=PAD_ID,
-                    logits_processor=NEVER_EMIT,
-                )
+                generate.score(self.model, self.params, inputs, tgt, generate.translation_spec())
             )
             for row, t in enumerate(chunk):
                 n = min(len(t), tgt.shape[1])

@@ -1,0 +1,210 @@
+"""Blocks shared by encoder and decoder: axis names, projections, norms, embeddings, masks."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from tfjax.model.config import ACTIVATIONS, TransformerConfig
+
+# Logical axis names, shared by parameters and activations; a mesh's rules map them to devices.
+BATCH = "batch"
+LENGTH = "length"
+EMBED = "embed"
+HEADS = "heads"
+KV = "kv"
+MLP = "mlp"
+VOCAB = "vocab"
+AXES = (BATCH, LENGTH, EMBED, HEADS, KV, MLP, VOCAB)
+
+
+def sinusoids(length: int, dim: int, half: bool = False) -> np.ndarray:
+    """Sinusoidal position table [length, dim].
+
+    The paper's form interleaves: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same).
+    `half=True` puts all the sines first and all the cosines after, as Marian does.
+    """
+    pos = np.arange(length, dtype=np.float64)[:, None]  # [length, 1]
+    inv_freq = 1.0 / 10000 ** (2 * np.arange((dim + 1) // 2) / dim)  # [ceil(dim / 2)]
+    angles = pos * inv_freq  # [length, ceil(dim / 2)]
+    sin, cos = np.sin(angles), np.cos(angles)[:, : dim // 2]
+    if half:
+        return np.concatenate([sin, cos], axis=1).astype(np.float32)
+    table = np.zeros((length, dim))
+    table[:, 0::2], table[:, 1::2] = sin, cos
+    return table.astype(np.float32)
+
+
+class Dense(nn.Module):
+    """x [..., *in] @ kernel [*in, *features] (+ bias [*features]), with logical axis names.
+
+    Written out rather than nn.DenseGeneral, which initialises a flattened kernel and so cannot
+    carry one logical name per axis of a [D, H, K] projection once a mesh is active.
+    """
+
+    features: tuple[int, ...]  # output dims, e.g. (H, K) or (D,)
+    names: tuple[str, ...]  # logical names of the kernel's axes, input axes first
+    config: TransformerConfig
+
+    @nn.compact
+    def weights(self, in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
+        """(kernel [*in, *features], bias [*features] or None) in the compute dtype."""
+        cfg = self.config
+        n_in = len(in_shape)
+        shape = (*in_shape, *self.features)
+        # Xavier-uniform over the whole input and output blocks of a multi-axis kernel.
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform",
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))),
+        )  # fmt: skip
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, self.names), shape, cfg.param_dtype
+        )
+        bias = None
+        if cfg.use_bias:
+            init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[n_in:])
+            bias = self.param("bias", init, self.features, cfg.param_dtype).astype(cfg.dtype)
+        return kernel.astype(cfg.dtype), bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., *in] -> [..., *features]; `in` is the trailing len(names) - len(features) dims."""
+        n_in = len(self.names) - len(self.features)
+        kernel, bias = self.weights(x.shape[-n_in:])
+        y = jnp.tensordot(x.astype(self.config.dtype), kernel, axes=n_in)
+        return y if bias is None else y + bias
+
+
+def fused_dense(x: jax.Array, layers: Sequence[Dense]) -> list[jax.Array]:
+    """Several projections of one input [..., D] as one matmul: [..., *features] each.
+
+    Their kernels [D, *F] are stacked to [D, n, *F] for the product: one [N, D] x [D, n F]
+    matmul keeps the CPU's (and an accelerator's) matrix units busier than n thin ones. The
+    parameters stay per projection.
+    """
+    kernels, biases = zip(*(layer.weights(x.shape[-1:]) for layer in layers), strict=True)
+    y = jnp.tensordot(x.astype(layers[0].config.dtype), jnp.stack(kernels, axis=1), axes=1)
+    if biases[0] is not None:
+        y = y + jnp.stack(biases)  # [..., n, *F] + [n, *F]
+    features = (slice(None),) * (kernels[0].ndim - 1)
+    return [y[(..., i, *features)] for i in range(len(layers))]
+
+
+def layer_norm(cfg: TransformerConfig, name: str) -> nn.Module:
+    """LayerNorm over D, in the config's dtypes, its scale and bias named (EMBED,)."""
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_epsilon,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
+        name=name,
+    )
+
+
+def token_embedding(num: int, cfg: TransformerConfig) -> nn.Embed:
+    """A table [num, D] of token embeddings, named (VOCAB, EMBED).
+
+    Built by the owner of the table and passed to `Embedder` (and to tied logits), so source
+    and target can share one.
+    """
+    # stddev d_model^-0.5: after sqrt(d_model) scaling the inputs have unit variance, and tied
+    # logits start near unit variance too.
+    init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
+    return nn.Embed(
+        num,
+        cfg.d_model,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(init, (VOCAB, EMBED)),
+    )
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Activation sharding hint; a no-op unless logical axis rules and a mesh are set."""
+    return nn.with_logical_constraint(x, names)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: Dense(d_ff) -> activation -> dropout -> Dense(d_model)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        """[B, T, D] -> [B, T, D]."""
+        cfg = self.config
+        h = Dense((cfg.d_ff,), (EMBED, MLP), cfg, name="wi")(x)  # [B, T, F]
+        h = constrain(ACTIVATIONS[cfg.activation](h), (BATCH, LENGTH, MLP))
+        h = nn.Dropout(cfg.activation_dropout_rate)(h, deterministic=deterministic)
+        return Dense((cfg.d_model,), (MLP, EMBED), cfg, name="wo")(h)  # [B, T, D]
+
+
+def residual(
+    cfg: TransformerConfig,
+    x: jax.Array,
+    sublayer: Callable[[jax.Array], jax.Array],
+    norm_name: str,
+    deterministic: bool,
+) -> jax.Array:
+    """[B, T, D] -> [B, T, D]: post-LN LN(x + dropout(f(x))), or pre-LN x + dropout(f(LN(x))).
+
+    Called inside a compact module, so the LayerNorm and Dropout it makes belong to that module.
+    """
+    norm = layer_norm(cfg, norm_name)
+    y = sublayer(norm(x) if cfg.pre_norm else x)
+    y = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    return constrain(y if cfg.pre_norm else norm(y), (BATCH, LENGTH, EMBED))
+
+
+class Embedder(nn.Module):
+    """Token embedding (optionally scaled by sqrt(d_model)) plus positions, then dropout."""
+
+    config: TransformerConfig
+    embed: nn.Embed
+
+    @nn.compact
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool
+    ) -> jax.Array:
+        """tokens [B, T] int, positions [B or 1, T] int -> [B, T, D]."""
+        cfg = self.config
+        if tokens.shape[1] > cfg.max_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len={cfg.max_len}")
+        x = self.embed(tokens)  # [B, T, D]
+        if cfg.scale_embeddings:
+            x = x * jnp.sqrt(cfg.d_model).astype(cfg.dtype)
+        if cfg.positions == "learned":
+            table = self.param(
+                "position_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (LENGTH, EMBED)),
+                (cfg.max_len, cfg.d_model),
+                cfg.param_dtype,
+            )
+        else:
+            table = sinusoids(cfg.max_len, cfg.d_model, half=cfg.positions == "sinusoidal_half")
+        x = x + jnp.asarray(table, cfg.dtype)[positions]  # [B, T, D]
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        return constrain(x, (BATCH, LENGTH, EMBED))
+
+
+def default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """Given per-segment positions [B, T], or 0..T-1 as [1, T]."""
+    return jnp.arange(tokens.shape[1])[None] if positions is None else positions
+
+
+def segment_mask(q_segments: jax.Array | None, k_segments: jax.Array | None) -> jax.Array | None:
+    """[B, Tq], [B, Tk] -> bool [B, 1, Tq, Tk]: queries only see keys of their own segment."""
+    if q_segments is None:
+        return None
+    return (q_segments[:, :, None] == k_segments[:, None, :])[:, None]
+
+
+def all_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """Elementwise AND of the masks given (broadcasting); None when none is given."""
+    present = [m for m in masks if m is not None]
+    return functools.reduce(jnp.logical_and, present) if present else None
