@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from tfjax import checkpoint, generate
+from tfjax import cli, generate
 from tfjax.translator import Translator
 
 WORDS = "one two three four five twenty thirty hundred and seven eight nine".split()
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--beam", type=int, default=1)
     args = parser.parse_args()
-    checkpoint.quiet_library_logs()
+    cli.quiet_library_logs()
 
     translator = Translator.from_workdir(args.workdir, max_batch=32, max_decode_len=64)
     decoder = generate.translate_greedy if args.beam == 1 else generate.translate_beam

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from tfjax import checkpoint, trainer
+from tfjax import checkpoint, cli, recipe
 from tfjax.translator import Translator
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir", required=True)
@@ -68,15 +68,11 @@ def saved_step(workdir: str, *, best: bool) -> int:
 
 def main(argv: list[str]) -> None:
     del argv
-    checkpoint.quiet_library_logs()
+    cli.quiet_library_logs()
     workdir = _WORKDIR.value
-    train, data = trainer.workdir_data(workdir, data_dir=_DATA_DIR.value)
+    train, data = recipe.workdir_data(workdir, data_dir=_DATA_DIR.value)
 
-    def examples(split: str) -> list[dict[str, str]]:
-        source = data.source(split)
-        return [source[i] for i in range(len(source))]
-
-    val = examples(train.eval_split)
+    val = data.source(train.eval_split).examples()
     decodings = [(1, 0.0)] + [(_BEAM.value, float(a)) for a in _ALPHAS.value]
     rows, best = [], None
     for name, (path, kwargs) in candidates(workdir, [int(k) for k in _AVERAGE.value]).items():
@@ -96,7 +92,9 @@ def main(argv: list[str]) -> None:
                 best = (result, name, path, kwargs, beam, alpha, translator)
 
     _, name, path, kwargs, beam, alpha, translator = best
-    test = translator.evaluate(examples(train.test_split), beam_size=beam, alpha=alpha)
+    test = translator.evaluate(
+        data.source(train.test_split).examples(), beam_size=beam, alpha=alpha
+    )
     params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(translator.params))
     step = saved_step(path, best=bool(kwargs))
     direction = f"{train.source_lang}→{train.target_lang}"

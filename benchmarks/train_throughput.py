@@ -92,7 +92,8 @@ def setup(name: str, dtype: str):
     state, shardings = train_lib.create_train_state(
         jax.random.key(0), model, optimizer, batch, mesh
     )
-    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, label_smoothing=0.1)
+    options = train_lib.StepOptions(label_smoothing=0.1)
+    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, options)
     return cfg, state, step, sharding.place_batch(batch, mesh), mesh
 
 

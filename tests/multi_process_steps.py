@@ -33,7 +33,7 @@ def main(process_id: int, num_processes: int, port: int) -> None:
     local = [
         {k: v[process_id * rows : (process_id + 1) * rows] for k, v in b.items()} for b in data
     ]
-    losses, _ = train(sharding.make_mesh((-1, 1, 1)), local)
+    losses = train(sharding.make_mesh((-1, 1, 1)), local)[0]
     if process_id == 0:
         print(json.dumps({"losses": losses, "processes": jax.process_count()}))
 

@@ -67,8 +67,10 @@ def test_no_gradient_reaches_the_teacher(pair):
     kd = Distillation(teacher, alpha=0.8, temperature=2.0)
 
     def loss(t):
+        options = train_lib.StepOptions(label_smoothing=0.1, distill=kd)
+        step = jnp.zeros((), jnp.int32)
         total, _ = train_lib._loss_sums(
-            s_params, batch, jax.random.key(2), student, 0.1, distill=kd, teacher_params=t
+            s_params, batch, jax.random.key(2), step, t, model=student, options=options
         )
         return total
 
@@ -82,12 +84,15 @@ def test_no_gradient_reaches_the_teacher(pair):
 def test_alpha_zero_is_exactly_the_plain_step(pair):
     student, s_params, teacher, t_params, batch = pair
     rng = jax.random.key(3)
-    plain = jax.jit(lambda p: train_lib._gradients(p, batch, rng, student, 0.1, 1))(s_params)
+    step = jnp.zeros((), jnp.int32)
+    plain_options = train_lib.StepOptions(label_smoothing=0.1)
+    plain = jax.jit(
+        lambda p: train_lib._gradients(p, batch, rng, step, model=student, options=plain_options)
+    )(s_params)
     kd = Distillation(teacher, alpha=0.0, temperature=2.0)
+    options = train_lib.StepOptions(label_smoothing=0.1, distill=kd)
     distilled = jax.jit(
-        lambda p, t: train_lib._gradients(
-            p, batch, rng, student, 0.1, 1, distill=kd, teacher_params=t
-        )
+        lambda p, t: train_lib._gradients(p, batch, rng, step, t, model=student, options=options)
     )(s_params, t_params)
     assert float(plain[1]["loss"]) == float(distilled[1]["loss"])
     leaves = jax.tree_util.tree_leaves

@@ -13,7 +13,7 @@ from conftest import ROOT
 from configs import default
 from tfjax import precompile
 from tfjax.model import Transformer
-from tfjax.trainer import model_config
+from tfjax.recipe import model_config
 
 S, T = 16, 12  # source and target lengths of the tiny recipe
 
@@ -151,7 +151,7 @@ sys.path.insert(0, "tests")
 from test_precompile import tiny_config
 from tfjax import precompile
 from tfjax.model import Transformer
-from tfjax.trainer import model_config
+from tfjax.recipe import model_config
 target = precompile.get_target("cpu:8")
 out = {}
 for mesh in [(8, 1, 1), (1, 8, 1)]:

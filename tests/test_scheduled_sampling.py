@@ -120,7 +120,9 @@ def test_p_zero_is_exactly_teacher_forcing(tiny):
     rng = jax.random.key(7)
 
     def gradients(sampling):
-        fn = lambda p: train_lib._gradients(p, batch, rng, model, 0.1, 1, sampling, 3)  # noqa: E731
+        options = train_lib.StepOptions(label_smoothing=0.1, sampling=sampling)
+        step = jnp.asarray(3, jnp.int32)
+        fn = lambda p: train_lib._gradients(p, batch, rng, step, model=model, options=options)  # noqa: E731
         return jax.jit(fn)(params)
 
     (g_plain, m_plain), (g_never, m_never) = gradients(None), gradients(never)

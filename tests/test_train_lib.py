@@ -1,5 +1,6 @@
 """Losses, schedule, accumulation and sharded train steps of tfjax.train_lib."""
 
+import functools
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from multi_device_steps import PEAK_LR, STEPS
+from multi_device_steps import STEPS
 
 from tfjax import sharding, train_lib
 from tfjax.model import Transformer, preset
@@ -106,12 +107,13 @@ def test_accumulation_equals_the_full_batch_gradient():
     optimizer = train_lib.make_optimizer(train_lib.rsqrt_schedule(1e-3, 10))
     mesh = sharding.make_mesh()
     state, _ = train_lib.create_train_state(jax.random.key(0), model, optimizer, batch, mesh)
-    grads = {
-        accum: jax.jit(
-            lambda p, b, a=accum: train_lib._gradients(p, b, jax.random.key(1), model, 0.1, a)
-        )(state.params, batch)
-        for accum in (1, 4)
-    }
+
+    def gradients(accum: int):
+        options = train_lib.StepOptions(label_smoothing=0.1, accum_steps=accum)
+        fn = functools.partial(train_lib._gradients, model=model, options=options)
+        return jax.jit(fn)(state.params, batch, jax.random.key(1), state.step)
+
+    grads = {accum: gradients(accum) for accum in (1, 4)}
     (g1, m1), (g4, m4) = grads[1], grads[4]
     assert float(m1["tokens"]) == float(m4["tokens"]) == float((batch["targets"] > 0).sum())
     diff = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), g1, g4)
@@ -128,7 +130,8 @@ def test_training_reduces_the_loss(dtype):
     state, shardings = train_lib.create_train_state(
         jax.random.key(0), model, optimizer, batch, mesh
     )
-    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, label_smoothing=0.0)
+    options = train_lib.StepOptions(label_smoothing=0.0)
+    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, options)
     losses = []
     for _ in range(30):
         state, metrics = step(state, batch, jax.random.key(3))
@@ -150,8 +153,19 @@ MULTI_DEVICE_SCRIPT = Path(__file__).with_name("multi_device_steps.py")
 
 
 def test_meshes_of_eight_devices_match_one_device():
-    """5 steps on data (8,1,1), fsdp (1,8,1) and mixed (2,2,2) meshes equal one device."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    """5 steps on data (8,1,1), fsdp (1,8,1) and mixed (2,2,2) meshes equal one device.
+
+    The bounds are ratios to the one-device run's own scale (see `errors` in the script), not
+    absolute: float32 regrouping of the batch sums measured ~5e-7 of the gradient scale and
+    ~0.3% of each leaf's total change over 5 Adam steps, with AVX2 and AVX-512 kernels alike.
+    1e-5 for gradients and losses is ~ the worst case of regrouping a float32 sum of the
+    batch's 128 target tokens (128 * 2^-24 = 7.6e-6); 5% for the later parameters leaves 15x
+    over that rounding. A batch shard read by every device, or gradients not all-reduced,
+    measured gradient errors of 1.5-3.5 and parameter errors near 2 (a different update).
+    """
+    # Appended, so that a run under e.g. --xla_cpu_max_isa=AVX2 keeps that flag.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     out = subprocess.run(
         [sys.executable, str(MULTI_DEVICE_SCRIPT)], env=env, capture_output=True, text=True
     )
@@ -160,9 +174,10 @@ def test_meshes_of_eight_devices_match_one_device():
     reference = result.pop("1,1,1")
     for mesh, run in result.items():
         np.testing.assert_allclose(run["losses"], reference["losses"], rtol=1e-5, err_msg=mesh)
-        assert run["param_diff"] < 1e-5, (mesh, run["param_diff"])
-        # Key biases have a zero true gradient; see max_diffs in the script.
-        assert run["key_bias_diff"] <= STEPS * PEAK_LR, (mesh, run["key_bias_diff"])
+        assert run["grad_error"] < 1e-5, (mesh, run)
+        assert run["param_error"] < 0.05, (mesh, run)
+        # Key biases have a zero true gradient: Adam's steps on them are rounding noise.
+        assert run["key_bias_change"] <= STEPS, (mesh, run)
         if mesh != "8,1,1":  # fsdp and tensor axes really split the parameters
             assert run["sharded_leaves"] > 0, mesh
 

@@ -11,7 +11,6 @@ A checkpoint directory `<workdir>/checkpoints/<step>/` holds, written together:
 from __future__ import annotations
 
 import dataclasses
-import logging as std_logging
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +18,9 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 
 from tfjax.model import TransformerConfig
-
-
-def quiet_library_logs() -> None:
-    """Hide Orbax's and grain's INFO chatter and read-only notices; keep real warnings."""
-
-    def keep(record: std_logging.LogRecord) -> bool:
-        noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
-        message = record.getMessage()
-        routine = (
-            record.levelno < std_logging.WARNING or "read only" in message or "read_only" in message
-        )
-        return not (noisy and routine)
-
-    logging.get_absl_handler().addFilter(keep)
-    std_logging.getLogger("absl").addFilter(keep)
 
 
 class CheckpointError(RuntimeError):

@@ -1,22 +1,43 @@
-"""`python -m tfjax translate|evaluate|average|distill-data|precompile`: the command line."""
+"""`python -m tfjax train|translate|evaluate|average|distill-data|precompile`: the command line.
+
+Every command is parsed here, with argparse; the two that take a recipe (`train`,
+`precompile`) read `--config=FILE` plus `--config.KEY=VALUE` overrides through
+ml_collections, as a Flax example's main does. Errors print one line, `error: ...`, and exit
+non-zero; set TFJAX_TRACEBACK=1 to see the Python traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging as std_logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from etils import epath
+from absl import logging
 from tqdm import tqdm
 
-from tfjax import checkpoint
-from tfjax.translator import Translation, Translator
+# Commands whose recipe takes --config.KEY=VALUE overrides after the known arguments.
+_RECIPE_COMMANDS = ("train", "precompile")
+
+
+class CommandError(Exception):
+    """A command failed in a way its message explains; the exit status rides along."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tfjax")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train", help="train (or resume) a model; --config.KEY=VALUE overrides the recipe"
+    )
+    train.add_argument("--config", required=True, help="a configs/*.py recipe")
+    train.add_argument("--workdir", required=True, help="checkpoints, tokenizer and logs")
 
     def restore_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--workdir", required=True, help="a training workdir")
@@ -34,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         "--show-probs", type=int, default=0, metavar="K", help="print top-K per step"
     )
 
+    evaluate = commands.add_parser("evaluate", help="translate a split and score it")
+    restore_args(evaluate)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--data_dir", default=None, help="where the data is now, if it moved")
+
     average = commands.add_parser("average", help="average the last K checkpoints' parameters")
     average.add_argument("--workdir", required=True, help="a training workdir")
     average.add_argument("--last", type=int, default=5, help="how many checkpoints (K)")
@@ -48,16 +74,73 @@ def _parser() -> argparse.ArgumentParser:
     distill.add_argument("--output", required=True, help="folder to write <split>.<lang> into")
     distill.add_argument("--data_dir", default=None, help="where the data is now, if it moved")
 
-    commands.add_parser(
+    precompile = commands.add_parser(
         "precompile",
-        help="compile the train step and decoder for a topology; "
-        "--config=FILE --topology=cpu:N|v5e:2x4 [--config.key=value ...]",
-    )  # parsed by _precompile, with absl flags; listed here for --help
-    evaluate = commands.add_parser("evaluate", help="translate a split and score it")
-    restore_args(evaluate)
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--data_dir", default=None, help="where the data is now, if it moved")
+        help="compile the train step and decoder for a TPU topology or cpu:N; exits 1 when a "
+        "program does not fit, 2 on a bad topology, mesh or recipe",
+    )
+    precompile.add_argument("--config", required=True, help="a configs/*.py recipe")
+    precompile.add_argument(
+        "--topology", required=True, help="cpu:N or a TPU topology, e.g. v5e:2x4"
+    )
+    precompile.add_argument(
+        "--beam", type=int, default=0, help="decoder beam; 0: eval_beam_size, at least 2"
+    )
+    precompile.add_argument("--memory_gib", type=float, default=None, help="memory per device")
+    precompile.add_argument("--peak_tflops", type=float, default=None, help="FLOP/s per device")
+    precompile.add_argument(
+        "--search_batch", action="store_true", help="also find the largest batch that fits"
+    )
     return parser
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> object:
+    """The ConfigDict of a configs/*.py recipe with --config.KEY=VALUE overrides applied."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "recipe", flag_values=values, lock_config=True)
+    try:
+        values(["tfjax", f"--config={path}", *overrides])
+    except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
+        raise CommandError(f"{path}: {e}", status=2) from e
+    return values.config
+
+
+def quiet_library_logs() -> None:
+    """Hide Orbax's and grain's INFO chatter and read-only notices; keep real warnings."""
+
+    def keep(record: std_logging.LogRecord) -> bool:
+        noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+        message = record.getMessage()
+        routine = (
+            record.levelno < std_logging.WARNING or "read only" in message or "read_only" in message
+        )
+        return not (noisy and routine)
+
+    logging.get_absl_handler().addFilter(keep)
+    std_logging.getLogger("absl").addFilter(keep)
+
+
+def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    config = load_config(args.config, overrides)
+    # Progress lines (checkpoints, evaluations) are INFO logs, on stderr as under absl.app.
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.INFO)
+    import jax
+
+    from tfjax import trainer
+
+    logging.info("JAX devices: %s", jax.devices())
+    trainer.train_and_evaluate(config, args.workdir)
+    return 0
+
+
+def _translator(args: argparse.Namespace):
+    from tfjax.translator import Translator
+
+    return Translator.from_workdir(args.workdir, args.step, best=args.best, max_batch=args.batch)
 
 
 def _lines(args: argparse.Namespace) -> tuple[list[str], bool]:
@@ -70,12 +153,7 @@ def _lines(args: argparse.Namespace) -> tuple[list[str], bool]:
     return [line.rstrip("\n") for line in sys.stdin], False
 
 
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def probability_table(translation: Translation) -> str:
+def probability_table(translation) -> str:
     """Per step: the chosen piece, its probability, and the top-k alternatives."""
     lines = [f"{'step':>4}  {'chosen':<14} {'p':>6}   alternatives"]
     for t, (piece, log_p) in enumerate(zip(translation.pieces, translation.log_probs, strict=True)):
@@ -84,129 +162,76 @@ def probability_table(translation: Translation) -> str:
     return "\n".join(lines)
 
 
-def _translate(args: argparse.Namespace) -> None:
-    translator = Translator.from_workdir(
-        args.workdir, args.step, best=args.best, max_batch=args.batch
-    )
+def _translate(args: argparse.Namespace) -> int:
+    translator = _translator(args)
     sentences, progress = _lines(args)
-    bar = tqdm(total=len(sentences), desc="translate", disable=not progress)
-    for chunk in _chunks(sentences, args.batch):
-        for translation in translator.translate(
-            chunk, beam_size=args.beam, alpha=args.alpha, num_top=args.show_probs
-        ):
-            print(translation.text, flush=True)
-            if args.show_probs:
-                print(probability_table(translation), end="\n\n")
-        bar.update(len(chunk))
-    bar.close()
+    stream = translator.translate_stream(
+        sentences, beam_size=args.beam, alpha=args.alpha, num_top=args.show_probs
+    )
+    for translation in tqdm(stream, total=len(sentences), desc="translate", disable=not progress):
+        print(translation.text, flush=True)
+        if args.show_probs:
+            print(probability_table(translation), end="\n\n")
+    return 0
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    from tfjax import trainer
+def _evaluate(args: argparse.Namespace) -> int:
+    from tfjax import recipe
 
-    _, data = trainer.workdir_data(args.workdir, args.step, args.data_dir)
+    _, data = recipe.workdir_data(args.workdir, args.step, args.data_dir)
     source = data.source(args.split)
-    translator = Translator.from_workdir(
-        args.workdir, args.step, best=args.best, max_batch=args.batch
+    result = _translator(args).evaluate(
+        source, beam_size=args.beam, alpha=args.alpha, progress=True
     )
-    examples = [source[i] for i in range(len(source))]
-    result = translator.evaluate(examples, beam_size=args.beam, alpha=args.alpha, desc=args.split)
     print(
-        f"{args.split}: {len(examples)} sentences  BLEU {result['bleu']:.2f}  "
+        f"{args.split}: {len(source)} sentences  BLEU {result['bleu']:.2f}  "
         f"(lowercased {result['bleu_lowercase']:.2f})  chrF {result['chrf']:.2f}  "
-        f"exact match {result['exact_match']:.2f}%\nsacreBLEU signature: {result['signature']}"
+        f"exact match {result['exact_match']:.2f}%  perplexity {result['perplexity']:.2f}\n"
+        f"sacreBLEU signature: {result['signature']}"
     )
+    return 0
 
 
-def _distill_data(args: argparse.Namespace) -> None:
-    """Sequence-level distillation data (Kim & Rush 2016): the teacher translates train.
+def _distill_data(args: argparse.Namespace) -> int:
+    from tfjax import distill, recipe
 
-    Every split of the teacher's dataset is written as <split>.<source lang> and
-    <split>.<target lang>; train's targets are the teacher's beam-search translations, the
-    other splits keep their references. Pairs whose translation is empty are left out.
-    """
-    from tfjax import trainer
-
-    train, data = trainer.workdir_data(args.workdir, args.step, args.data_dir)
-    translator = Translator.from_workdir(
-        args.workdir, args.step, best=args.best, max_batch=args.batch
+    train, data = recipe.workdir_data(args.workdir, args.step, args.data_dir)
+    out = distill.write_distillation_data(
+        _translator(args),
+        data,
+        (train.source_lang, train.target_lang),
+        args.output,
+        beam_size=args.beam,
+        alpha=args.alpha,
     )
-    out = epath.Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for split in data.split_sizes:
-        source = data.source(split)
-        pairs = [(e["source"], e["target"]) for e in (source[i] for i in range(len(source)))]
-        if split == "train":
-            pairs = _teacher_pairs(translator, pairs, args)
-        (out / f"{split}.{train.source_lang}").write_text("".join(s + "\n" for s, _ in pairs))
-        (out / f"{split}.{train.target_lang}").write_text("".join(t + "\n" for _, t in pairs))
-        print(f"{split}: {len(pairs)} pairs", flush=True)
     print(f"wrote {out}: train with --config.dataset=folder --config.data_dir={out}")
+    return 0
 
 
-def _teacher_pairs(
-    translator: Translator, pairs: list[tuple[str, str]], args: argparse.Namespace
-) -> list[tuple[str, str]]:
-    """(source, the teacher's translation) for each pair; empty translations dropped."""
-    out = []
-    for chunk in tqdm(list(_chunks(pairs, args.batch)), desc="teacher"):
-        sources = [s for s, _ in chunk]
-        translations = translator.translate(sources, beam_size=args.beam, alpha=args.alpha)
-        out.extend((s, t.text) for s, t in zip(sources, translations, strict=True) if t.text)
-    if len(out) < len(pairs):
-        print(f"left out {len(pairs) - len(out)} pairs whose translation was empty")
-    return out
+def _average(args: argparse.Namespace) -> int:
+    from tfjax import checkpoint
 
-
-def _average(args: argparse.Namespace) -> None:
     steps = checkpoint.average_checkpoints(args.workdir, args.output, args.last)
     print(f"averaged steps {steps} into {args.output}/checkpoints/{steps[-1]}")
+    return 0
 
 
-def _precompile(argv: Sequence[str]) -> int:
-    """precompile --config=FILE --topology=NAME [--config.key=value ...]: see tfjax.precompile.
-
-    Exits 1 when a program does not fit in a device's memory, 2 on a bad topology or mesh.
-    """
-    from absl import flags
-    from ml_collections import config_flags
-
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", flag_values=fv)
-    flags.DEFINE_string("topology", None, "cpu:N or a TPU topology, e.g. v5e:2x4", flag_values=fv)
-    flags.DEFINE_integer(
-        "beam", 0, "decoder beam size; 0: the config's eval_beam_size, at least 2", flag_values=fv
-    )
-    flags.DEFINE_float(
-        "memory_gib", None, "memory per device, overriding the chip's", flag_values=fv
-    )
-    flags.DEFINE_float(
-        "peak_tflops", None, "peak FLOP/s per device, overriding the chip's", flag_values=fv
-    )
-    flags.DEFINE_bool(
-        "search_batch", False, "also find the largest batch per shard that fits", flag_values=fv
-    )
-    flags.mark_flags_as_required(["config", "topology"], flag_values=fv)
-    try:
-        fv(["precompile", *argv])
-    except (flags.Error, AttributeError, KeyError, ValueError) as e:  # a bad flag or config key
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    _simulated_devices(fv.topology)
+def _precompile(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """See tfjax.precompile. Exits 1 when a program does not fit a device's memory."""
+    config = load_config(args.config, overrides)
+    _simulated_devices(args.topology)
     from tfjax import precompile
 
-    config = fv.config
-    beam = fv.beam or max(config.eval_beam_size, 2)
+    beam = args.beam or max(config.eval_beam_size, 2)
     try:
-        target = precompile.get_target(fv.topology, fv.memory_gib, fv.peak_tflops)
+        target = precompile.get_target(args.topology, args.memory_gib, args.peak_tflops)
         mesh, reports = precompile.precompile(config, target, beam)
     except precompile.PrecompileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(str(e), status=2) from e
     print(precompile.describe(target, mesh), flush=True)
     for report in reports:
         print("\n" + precompile.format_report(report, target), flush=True)
-    if fv.search_batch:
+    if args.search_batch:
         print("\n" + _search_batch(config, target, reports[0]), flush=True)
     problems = precompile.too_big(reports, target)
     for problem in problems:
@@ -243,21 +268,41 @@ def _search_batch(config, target, train) -> str:
     return "\n".join(lines)
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a command may raise for bad input or a bad workdir, printed as one line."""
+    from tfjax import checkpoint, recipe, trainer
+    from tfjax.data import CorpusError
+
+    return (
+        CommandError,
+        checkpoint.CheckpointError,
+        recipe.ConfigError,
+        trainer.TrainingError,
+        CorpusError,
+        ValueError,
+        OSError,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["precompile"]:  # absl flags: it takes --config.key=value overrides
-        return _precompile(argv[1:])
-    args = _parser().parse_args(argv)
-    checkpoint.quiet_library_logs()
+    parser = _parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if extra and not (args.command in _RECIPE_COMMANDS and extra[0].startswith("--config.")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    quiet_library_logs()
+    commands = {
+        "translate": _translate,
+        "evaluate": _evaluate,
+        "average": _average,
+        "distill-data": _distill_data,
+    }
     try:
-        commands = {
-            "translate": _translate,
-            "evaluate": _evaluate,
-            "average": _average,
-            "distill-data": _distill_data,
-        }
-        commands[args.command](args)
-    except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        if args.command in _RECIPE_COMMANDS:
+            run = {"train": _train, "precompile": _precompile}[args.command]
+            return run(args, extra)
+        return commands[args.command](args)
+    except Exception as e:
+        if os.environ.get("TFJAX_TRACEBACK") or not isinstance(e, _expected_errors()):
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return getattr(e, "status", 1)

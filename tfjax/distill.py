@@ -10,18 +10,24 @@ plain loss (`train_lib._gradients` does the division). The teacher is any traine
 with the same target vocabulary: its own size and config, restored from its checkpoint,
 run in the same jitted step without dropout and without gradient. Sequence-level
 distillation (training on the teacher's beam-search translations) is data, not a loss:
-`python -m tfjax distill-data` writes them as a folder dataset.
+`write_distillation_data` (`python -m tfjax distill-data`) writes them as a folder dataset.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
+from tqdm import tqdm
 
 from tfjax.model import Transformer
+
+if TYPE_CHECKING:  # the translator imports the train step, which imports this module
+    from tfjax.data import TranslationData
+    from tfjax.translator import Translator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +81,36 @@ def loss_sum(
     """alpha * T^2 * KL sum + (1 - alpha) * the label-smoothed cross-entropy sum `ce_sum`."""
     kl = kl_sum(student, teacher, weights, distill.temperature)
     return distill.alpha * distill.temperature**2 * kl + (1.0 - distill.alpha) * ce_sum
+
+
+def write_distillation_data(
+    translator: Translator,
+    data: TranslationData,
+    langs: tuple[str, str],
+    output: str,
+    *,
+    beam_size: int,
+    alpha: float,
+) -> epath.Path:
+    """Sequence-level distillation data (Kim & Rush 2016): the teacher translates train.
+
+    Every split of the teacher's dataset is written as <split>.<source lang> and
+    <split>.<target lang> into `output`; train's targets are the teacher's beam-search
+    translations, the other splits keep their references. Pairs whose translation is empty
+    are left out. Returns the folder.
+    """
+    out = epath.Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in data.split_sizes:
+        pairs = [(e["source"], e["target"]) for e in data.source(split).examples()]
+        if split == "train":
+            sources = [s for s, _ in pairs]
+            stream = translator.translate_stream(sources, beam_size=beam_size, alpha=alpha)
+            translated = tqdm(stream, total=len(sources), desc="teacher")
+            pairs = [(s, t.text) for s, t in zip(sources, translated, strict=True) if t.text]
+            if len(pairs) < len(sources):
+                print(f"left out {len(sources) - len(pairs)} pairs whose translation was empty")
+        (out / f"{split}.{langs[0]}").write_text("".join(s + "\n" for s, _ in pairs))
+        (out / f"{split}.{langs[1]}").write_text("".join(t + "\n" for _, t in pairs))
+        print(f"{split}: {len(pairs)} pairs", flush=True)
+    return out

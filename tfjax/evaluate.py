@@ -1,17 +1,96 @@
-"""Translate a split with a model's parameters and score it: sacreBLEU, chrF, exact match."""
+"""Evaluate a split with a model's parameters: loss, translations, sacreBLEU, chrF, exact match.
+
+The training loop, `Translator.evaluate` (and so `python -m tfjax evaluate`) and the quality
+benchmark all go through `evaluate_split`, so a split is truncated, batched and decoded the
+same way wherever it is scored.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import sacrebleu
 from tqdm import tqdm
 
-from tfjax import generate
-from tfjax.data import Tokenizer
+from tfjax import generate, train_lib
+from tfjax.data import Tokenizer, eval_dataset
 from tfjax.model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """How a split is evaluated."""
+
+    batch_size: int  # sentences per eval batch and decoder call
+    max_source_len: int  # longer sources are truncated (eos kept), with a count logged
+    max_target_len: int  # references likewise, for the loss; also the longest translation
+    beam_size: int = 1  # 1: greedy
+    alpha: float = 0.6  # GNMT length-penalty exponent of beam search
+
+
+@functools.cache
+def _jitted_eval_step(model: Transformer):
+    """One compiled eval step per model, reused by every evaluation."""
+    return jax.jit(functools.partial(train_lib.eval_step, model=model))
+
+
+def _loss(model: Transformer, params: Any, batches: Iterable[dict[str, np.ndarray]]):
+    """Per-token nll, perplexity and accuracy over eval batches (padding rows weigh 0)."""
+    eval_step = _jitted_eval_step(model)
+    totals = {"nll": 0.0, "tokens": 0.0, "correct": 0.0}
+    for batch in batches:
+        m = jax.device_get(eval_step(params, {k: v for k, v in batch.items() if k != "index"}))
+        totals = {k: totals[k] + float(m[k]) for k in totals}
+    tokens = max(totals["tokens"], 1.0)
+    return {
+        "nll": totals["nll"] / tokens,
+        "perplexity": float(np.exp(min(totals["nll"] / tokens, 50.0))),
+        "accuracy": totals["correct"] / tokens,
+    }
+
+
+def evaluate_split(
+    model: Transformer,
+    params: Any,
+    tokenizer: Tokenizer,
+    source: Sequence[dict[str, str]],
+    options: EvalOptions,
+    *,
+    decode_sentences: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Loss on every example of `source` ({"source", "target"} dicts), and the `scores` of
+    the translations of its first `decode_sentences` (None: all; 0: no decoding)."""
+    batches = eval_dataset(
+        source,
+        tokenizer,
+        batch_size=options.batch_size,
+        max_source_len=options.max_source_len,
+        max_target_len=options.max_target_len,
+    )
+    result = _loss(model, params, batches)
+    wanted = len(source) if decode_sentences is None else min(decode_sentences, len(source))
+    if wanted:
+        chosen = [batches[i] for i in range(-(-wanted // options.batch_size))]
+        hyps = translate_batches(
+            model,
+            params,
+            chosen,
+            tokenizer,
+            max_decode_len=options.max_target_len,
+            beam_size=options.beam_size,
+            alpha=options.alpha,
+            progress=progress,
+        )
+        indices = sorted(hyps)[:wanted]
+        references = [source[i]["target"] for i in indices]
+        result.update(scores([hyps[i] for i in indices], references))
+    return result
 
 
 def translate_batches(

@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tfjax import generate, sharding, train_lib
+from tfjax import generate, recipe, sharding, train_lib
 from tfjax.data import train_batch_shapes
 from tfjax.model import Transformer, TransformerConfig
 from tfjax.train_lib import TrainState
-from tfjax.trainer import model_config, train_step_options
 
 
 class PrecompileError(ValueError):
@@ -233,9 +232,9 @@ def compile_train_step(
     batch = {
         k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=rows_sharding) for k, v in shapes.items()
     }
-    optimizer, step_options = train_step_options(config)
+    optimizer, options = recipe.train_step_options(config)
     state, shardings = train_lib.abstract_train_state(model, optimizer, batch, mesh)
-    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, **step_options)
+    step = train_lib.JittedTrainStep(model, optimizer, shardings, mesh, options)
     replicated = NamedSharding(mesh, PartitionSpec())
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     flops = model_flops(model.config, rows, config.max_source_len, config.max_target_len)
@@ -281,7 +280,7 @@ def precompile(
 ) -> tuple[Mesh, list[Report]]:
     """Compile the train step and the beam decoder of `config` for `target`."""
     mesh = mesh_for(config, target)
-    model = Transformer(model_config(config))
+    model = Transformer(recipe.model_config(config))
     train, state = compile_train_step(config, model, mesh)
     return mesh, [train, compile_decoder(config, model, state.params, mesh, beam)]
 
@@ -305,7 +304,7 @@ def largest_batch(
     0 when even one row per shard does not fit.
     """
     mesh = mesh_for(config, target)
-    model = Transformer(model_config(config))
+    model = Transformer(recipe.model_config(config))
     shards = batch_shards(mesh)
     rows = max(config.batch_size // shards, 1)
     reports: dict[int, Report] = {rows: known} if known is not None else {}

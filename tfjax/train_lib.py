@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,17 @@ class TrainState:
     step: jax.Array  # int32 [], optimizer updates applied so far
     params: Any  # the model's "params" collection
     opt_state: Any  # optax state, sharded like the parameters it mirrors
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What a train step does besides the optimizer update; one object for every step helper."""
+
+    label_smoothing: float = 0.0  # mass spread over the wrong tokens (see `token_scores`)
+    accum_steps: int = 1  # micro-batches per step, run one after another; divides the batch
+    learning_rate: optax.Schedule | None = None  # reported in the metrics when given
+    sampling: ScheduledSampling | None = None  # scheduled sampling at p(step); None: off
+    distill: Distillation | None = None  # distil from this teacher; None: off
 
 
 def rsqrt_schedule(peak: float, warmup_steps: int) -> optax.Schedule:
@@ -177,31 +189,30 @@ def _loss_sums(
     params: Any,
     batch: Batch,
     rng: jax.Array,
+    step: jax.Array,
+    teacher_params: Any,
+    *,
     model: Transformer,
-    label_smoothing: float,
-    sampling: ScheduledSampling | None = None,
-    step: jax.Array | None = None,
-    distill: Distillation | None = None,
-    teacher_params: Any = None,
+    options: StepOptions,
 ) -> tuple[jax.Array, Metrics]:
-    """Summed training loss of one micro-batch, with its metric sums.
+    """Summed training loss of one micro-batch at optimizer step `step`, with metric sums.
 
-    With `sampling`, the loss is taken on the second pass of scheduled sampling at `step`;
-    with `distill`, it mixes in the teacher's (see `tfjax.distill`). The metrics' loss is the
-    optimised one; nll stays the student's plain negative log-likelihood.
+    With `options.sampling`, the loss is taken on the second pass of scheduled sampling;
+    with `options.distill`, it mixes in the teacher's (see `tfjax.distill`). The metrics'
+    loss is the optimised one; nll stays the student's plain negative log-likelihood.
     """
     inputs = model_inputs(batch)
-    if sampling is not None:
+    if options.sampling is not None:
         # Its own stream: dropout keeps `rng`, so p(step) = 0 reproduces teacher forcing.
         sampling_rng = jax.random.fold_in(rng, _SAMPLING_STREAM)
-        inputs = _sampled_inputs(params, batch, sampling_rng, model, sampling, step)
+        inputs = _sampled_inputs(params, batch, sampling_rng, model, options.sampling, step)
     logits = model.apply({"params": params}, **inputs, deterministic=False, rngs={"dropout": rng})
-    weights = (batch["targets"] > 0).astype(jnp.float32)  # pad id 0
-    losses, nlls, hits = token_scores(logits, batch["targets"], label_smoothing)
+    weights = (batch["targets"] != model.config.pad_id).astype(jnp.float32)
+    losses, nlls, hits = token_scores(logits, batch["targets"], options.label_smoothing)
     loss = jnp.sum(losses * weights)
-    if distill is not None:
-        teacher = distill_lib.teacher_logits(distill, teacher_params, inputs)
-        loss = distill_lib.loss_sum(distill, logits, teacher, loss, weights)
+    if options.distill is not None:
+        teacher = distill_lib.teacher_logits(options.distill, teacher_params, inputs)
+        loss = distill_lib.loss_sum(options.distill, logits, teacher, loss, weights)
     metrics = dict(loss=loss, nll=jnp.sum(nlls * weights), tokens=jnp.sum(weights))
     return loss, metrics | dict(correct=jnp.sum(hits * weights))
 
@@ -210,37 +221,28 @@ def _gradients(
     params: Any,
     batch: Batch,
     rng: jax.Array,
-    model: Transformer,
-    label_smoothing: float,
-    accum: int,
-    sampling: ScheduledSampling | None = None,
-    step: jax.Array | None = None,
-    distill: Distillation | None = None,
+    step: jax.Array,
     teacher_params: Any = None,
+    *,
+    model: Transformer,
+    options: StepOptions,
 ) -> tuple[Any, Metrics]:
-    """Gradient of the token-mean loss over `accum` micro-batches, run one after another.
+    """Gradient of the token-mean loss over `options.accum_steps` micro-batches.
 
     Sums of losses and gradients are accumulated and divided by the total token count once,
     so the result equals the full-batch gradient whatever the split.
     """
-    grad_fn = functools.partial(
-        jax.grad(_loss_sums, has_aux=True),
-        model=model,
-        label_smoothing=label_smoothing,
-        sampling=sampling,
-        step=step,
-        distill=distill,
-        teacher_params=teacher_params,
-    )
+    grad_fn = functools.partial(jax.grad(_loss_sums, has_aux=True), model=model, options=options)
+    accum = options.accum_steps
     if accum == 1:  # no loop: XLA optimises a straight-line step better than a 1-trip scan
-        grads, metrics = grad_fn(params, batch, jax.random.fold_in(rng, 0))
+        grads, metrics = grad_fn(params, batch, jax.random.fold_in(rng, 0), step, teacher_params)
         scale = 1.0 / jnp.maximum(metrics["tokens"], 1.0)
         return jax.tree_util.tree_map(lambda g: g * scale, grads), metrics
 
     def micro(carry, xs):
         grads, metrics = carry
         micro_batch, index = xs
-        g, m = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+        g, m = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), step, teacher_params)
         add = functools.partial(jax.tree_util.tree_map, jnp.add)
         return (add(grads, g), add(metrics, m)), None
 
@@ -261,43 +263,29 @@ def train_step(
     *,
     model: Transformer,
     optimizer: optax.GradientTransformation,
-    label_smoothing: float,
-    accum_steps: int = 1,
-    learning_rate: optax.Schedule | None = None,
-    sampling: ScheduledSampling | None = None,
-    distill: Distillation | None = None,
+    options: StepOptions,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on `batch` (dict of [global_batch, length]); returns metric sums.
 
     Dropout randomness is `fold_in(rng, step)`, so a resumed run draws the same masks.
-    `sampling`: train with scheduled sampling at p(state.step) (see `scheduled_sampling`).
-    `distill`: distil from its teacher, whose parameters are `teacher_params` (see `distill`).
+    `teacher_params`: the parameters of `options.distill`'s teacher (see `tfjax.distill`).
     """
     step_rng = jax.random.fold_in(rng, state.step)
     grads, metrics = _gradients(
-        state.params,
-        batch,
-        step_rng,
-        model,
-        label_smoothing,
-        accum_steps,
-        sampling,
-        state.step,
-        distill,
-        teacher_params,
+        state.params, batch, step_rng, state.step, teacher_params, model=model, options=options
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    if learning_rate is not None:
-        metrics["learning_rate"] = learning_rate(state.step)
+    if options.learning_rate is not None:
+        metrics["learning_rate"] = options.learning_rate(state.step)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params: Any, batch: Batch, *, model: Transformer) -> Metrics:
     """Sums of the unsmoothed loss, correct tokens and tokens on one batch."""
     logits = model.apply({"params": params}, **model_inputs(batch))
-    weights = (batch["targets"] > 0).astype(jnp.float32)
+    weights = (batch["targets"] != model.config.pad_id).astype(jnp.float32)
     _, nlls, hits = token_scores(logits, batch["targets"])
     return dict(
         nll=jnp.sum(nlls * weights), tokens=jnp.sum(weights), correct=jnp.sum(hits * weights)
@@ -374,10 +362,10 @@ class JittedTrainStep:
         optimizer: optax.GradientTransformation,
         state_shardings: Any,
         mesh: Mesh,
+        options: StepOptions,
         rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
-        **step_kwargs: Any,
     ) -> None:
-        step = functools.partial(train_step, model=model, optimizer=optimizer, **step_kwargs)
+        step = functools.partial(train_step, model=model, optimizer=optimizer, options=options)
         replicated = NamedSharding(mesh, PartitionSpec())
         self._jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
         self._mesh = mesh

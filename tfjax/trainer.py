@@ -13,60 +13,26 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from tfjax import checkpoint, evaluate, sharding, train_lib
+from tfjax import checkpoint, evaluate, recipe, sharding, train_lib
 from tfjax.data import (
-    PipelineOptions,
     Tokenizer,
     TranslationData,
-    eval_dataset,
     load_or_train_tokenizer,
-    prepare,
     train_batch_shapes,
     train_dataset,
 )
 from tfjax.distill import Distillation
-from tfjax.model import Transformer, TransformerConfig, preset
-from tfjax.scheduled_sampling import ScheduledSampling
+from tfjax.model import Transformer
 
 
 class TrainingError(RuntimeError):
     """Training cannot start or go on: bad workdir, incompatible resume, NaN loss."""
-
-
-def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
-    """config.model (a preset name plus overrides) and config.vocab_size -> TransformerConfig."""
-    fields = dict(config.model)
-    name = fields.pop("preset")
-    dtype = jnp.dtype(fields.pop("dtype"))
-    return preset(name, vocab_size=config.vocab_size, dtype=dtype, **fields)
-
-
-def train_step_options(
-    config: ml_collections.ConfigDict,
-) -> tuple[optax.GradientTransformation, dict[str, Any]]:
-    """The recipe's optimizer and the keyword arguments of its `train_lib.train_step`
-    (all but a distillation teacher's), shared by the trainer and `tfjax.precompile`."""
-    schedule = train_lib.rsqrt_schedule(config.learning_rate, config.warmup_steps)
-    optimizer = train_lib.make_optimizer(schedule, config.clip_norm, config.weight_decay)
-    return optimizer, dict(
-        label_smoothing=config.label_smoothing,
-        accum_steps=config.accum_steps,
-        learning_rate=schedule,
-        sampling=sampling_config(config),
-    )
-
-
-def sampling_config(config: ml_collections.ConfigDict) -> ScheduledSampling | None:
-    """The recipe's scheduled sampling, or None while its schedule is ""."""
-    values = config.scheduled_sampling.to_dict()
-    return ScheduledSampling(**values) if values["schedule"] else None
 
 
 def _restore_teacher(
@@ -126,55 +92,16 @@ class Run:
     meta: dict[str, Any]
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> TranslationData:
-    """The dataset a config names, in its direction.
-
-    "synthetic" and "folder" (the text files in config.data_dir) are built as array_record
-    TFDS datasets under <workdir>/data; a TFDS name is read from config.data_dir (TFDS's
-    default data directory when empty).
-    """
-    built = str(workdir / "data")
-    common = dict(source_lang=config.source_lang, target_lang=config.target_lang)
-    if config.dataset == "folder":
-        if not config.data_dir:
-            raise TrainingError("dataset='folder' needs --config.data_dir=<folder of text files>")
-        return prepare(config.data_dir, data_dir=built, **common)
-    if config.dataset == "synthetic":
-        return prepare("synthetic", data_dir=built, **common)
-    return prepare(config.dataset, data_dir=config.data_dir or None, **common)
-
-
-def workdir_data(
-    workdir: str, step: int | None = None, data_dir: str | None = None
-) -> tuple[ml_collections.ConfigDict, TranslationData]:
-    """A trained workdir's config (from its checkpoint's meta) and its dataset.
-
-    `data_dir` says where the corpus is now, if it moved since training.
-    """
-    config = ml_collections.ConfigDict(checkpoint.read_meta(workdir, step)["train"])
-    if data_dir:
-        config.data_dir = data_dir
-    return config, prepare_data(config, epath.Path(workdir))
-
-
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Prepare data and tokenizer, the mesh, the model and the data iterator."""
     root = epath.Path(workdir)
     _check_workdir(root)
-    data = prepare_data(config, root)
+    options = recipe.pipeline_options(config)
+    data = recipe.prepare_data(config, root)
     tokenizer = load_or_train_tokenizer(
         root / "spm.model", data.source("train"), vocab_size=config.vocab_size
     )
-    if config.batch_size % jax.process_count():
-        raise TrainingError(f"batch_size={config.batch_size} not divisible by the process count")
-    options = PipelineOptions(
-        batch_size=config.batch_size // jax.process_count(),
-        max_source_len=config.max_source_len,
-        max_target_len=config.max_target_len,
-        pack=config.pack,
-        seed=config.seed,
-    )
-    model_cfg = model_config(config)
+    model_cfg = recipe.model_config(config)
     meta = {"model": checkpoint.config_to_json(model_cfg), "train": config.to_dict()}
     return Run(
         config=config,
@@ -293,49 +220,13 @@ class MetricWriter:
             self.jsonl.close()
 
 
-@functools.cache
-def _jitted_eval_step(model: Transformer):
-    """One compiled eval step per model, reused by every periodic evaluation."""
-    return jax.jit(functools.partial(train_lib.eval_step, model=model))
-
-
-def evaluate_split(run: Run, params: Any, split: str, *, decode_sentences: int) -> dict[str, Any]:
-    """Validation loss / perplexity on `split`, and BLEU etc. of the first sentences decoded."""
-    config = run.config
-    batches = eval_dataset(
-        run.data.source(split),
-        run.tokenizer,
-        batch_size=config.eval_batch_size,
-        max_source_len=config.max_source_len,
-        max_target_len=config.max_target_len,
+def _evaluate(run: Run, params: Any, split: str, decode_sentences: int | None) -> dict[str, Any]:
+    """Loss on `split`, and the scores of its first `decode_sentences` (None: all) decoded."""
+    options = recipe.eval_options(run.config)
+    source = run.data.source(split)
+    return evaluate.evaluate_split(
+        run.model, params, run.tokenizer, source, options, decode_sentences=decode_sentences
     )
-    eval_step = _jitted_eval_step(run.model)
-    totals = {"nll": 0.0, "tokens": 0.0, "correct": 0.0}
-    for batch in batches:
-        m = jax.device_get(eval_step(params, {k: v for k, v in batch.items() if k != "index"}))
-        totals = {k: totals[k] + float(m[k]) for k in totals}
-    tokens = max(totals["tokens"], 1.0)
-    result = {
-        "nll": totals["nll"] / tokens,
-        "perplexity": float(np.exp(min(totals["nll"] / tokens, 50.0))),
-        "accuracy": totals["correct"] / tokens,
-    }
-    if decode_sentences:
-        n_batches = -(-decode_sentences // config.eval_batch_size)
-        chosen = [batches[i] for i in range(min(n_batches, len(batches)))]
-        hyps = evaluate.translate_batches(
-            run.model,
-            params,
-            chosen,
-            run.tokenizer,
-            max_decode_len=config.max_target_len,
-            beam_size=config.eval_beam_size,
-            alpha=config.eval_alpha,
-        )
-        source = run.data.source(split)
-        refs = [source[i]["target"] for i in sorted(hyps)]
-        result.update(evaluate.scores([hyps[i] for i in sorted(hyps)], refs))
-    return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -343,16 +234,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.initialize_distributed()
     teacher = _restore_teacher(config, epath.Path(workdir))
     run = setup(config, workdir)
-    optimizer, step_options = train_step_options(config)
+    optimizer, options = recipe.train_step_options(config)
+    if teacher:
+        options = dataclasses.replace(options, distill=teacher[0])
     state, shardings = create_or_restore(run, optimizer)
-    step_fn = train_lib.JittedTrainStep(
-        run.model,
-        optimizer,
-        shardings,
-        run.mesh,
-        distill=teacher and teacher[0],
-        **step_options,
-    )
+    step_fn = train_lib.JittedTrainStep(run.model, optimizer, shardings, run.mesh, options)
     if teacher:
         step_fn = _with_teacher(run, step_fn, *teacher)
     try:
@@ -414,11 +300,8 @@ def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
                 writer.write(step, "train", summary)
             bleu = None
             if step % config.eval_every == 0 or step == config.num_train_steps:
-                result = evaluate_split(
-                    run,
-                    state.params,
-                    config.eval_split,
-                    decode_sentences=config.eval_decode_sentences,
+                result = _evaluate(
+                    run, state.params, config.eval_split, config.eval_decode_sentences
                 )
                 logging.info("step %d %s: %s", step, config.eval_split, result)
                 writer.write(step, config.eval_split, result)
@@ -443,8 +326,7 @@ def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
 def _final(run: Run, params: Any) -> dict[str, Any]:
     """Score the final model on config.test_split (every sentence decoded) and print it."""
     config = run.config
-    size = run.data.split_sizes[config.test_split]
-    result = evaluate_split(run, params, config.test_split, decode_sentences=size)
+    result = _evaluate(run, params, config.test_split, decode_sentences=None)
     print(
         f"{config.test_split}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  "
         f"exact match {result['exact_match']:.2f}%  ({result['signature']})",

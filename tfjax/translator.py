@@ -1,28 +1,27 @@
 """Translator: a restored checkpoint plus its tokenizer, translating and scoring text.
 
 Requests are bucketed so that a long-running translator compiles a handful of programs: the
-batch is padded up to a power of two (at most `max_batch`) and the source length up to a
-multiple of `LENGTH_BUCKET`.
+batch is padded up to a power of two (at most `max_batch`) and every length up to a multiple
+of `LENGTH_BUCKET`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from tfjax import checkpoint, generate
 from tfjax.data import EOS_ID, PAD_ID, UNK_ID, Tokenizer
-from tfjax.evaluate import scores
+from tfjax.evaluate import EvalOptions, evaluate_split
 from tfjax.generate import decode_best
 from tfjax.model import Transformer, TransformerConfig
 
-LENGTH_BUCKET = 16  # source lengths are padded up to a multiple of this
+LENGTH_BUCKET = 16  # lengths are padded up to a multiple of this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +41,16 @@ def _bucket(n: int, limit: int) -> int:
     return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
+def _padded(ids: Sequence[np.ndarray], rows: int, limit: int) -> np.ndarray:
+    """Token rows -> int32 [rows, length], pad after each, length a multiple of
+    LENGTH_BUCKET (at most `limit`) that holds the longest row."""
+    longest = max(len(x) for x in ids)
+    out = np.full((rows, min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, limit)), PAD_ID)
+    for row, x in enumerate(ids):
+        out[row, : len(x)] = x[: out.shape[1]]
+    return out.astype(np.int32)
+
+
 class Translator:
     """Translate and score with a model's parameters and tokenizer."""
 
@@ -51,13 +60,18 @@ class Translator:
         params: Any,
         tokenizer: Tokenizer,
         *,
+        max_source_len: int | None = None,
         max_decode_len: int = 128,
         max_batch: int = 32,
     ) -> None:
+        """max_source_len: longer sources are truncated (None: the model's max_len);
+        max_decode_len: the longest translation, eos included; max_batch: sentences per
+        decoder call."""
         self.config = config
         self.model = Transformer(config)
         self.params = params
         self.tokenizer = tokenizer
+        self.max_source_len = min(max_source_len or config.max_len, config.max_len)
         self.max_decode_len = min(max_decode_len, config.max_len)
         self.max_batch = max_batch
 
@@ -65,20 +79,23 @@ class Translator:
     def from_workdir(
         cls, workdir: str | Path, step: int | None = None, *, best: bool = False, **kwargs: Any
     ) -> Translator:
-        """Restore the latest (or `step`, or the best-BLEU) checkpoint of a training workdir."""
-        config, params, tokenizer_bytes, _ = checkpoint.restore_for_inference(
+        """Restore the latest (or `step`, or the best-BLEU) checkpoint of a training workdir.
+
+        Sources are truncated as in training (its max_source_len) unless kwargs say otherwise.
+        """
+        config, params, tokenizer_bytes, meta = checkpoint.restore_for_inference(
             workdir, step, best=best
         )
+        kwargs.setdefault("max_source_len", meta.get("train", {}).get("max_source_len"))
         return cls(config, params, Tokenizer(tokenizer_bytes), **kwargs)
 
-    def _encode(self, sentences: Sequence[str]) -> list[np.ndarray]:
+    def _encode(self, sentences: Sequence[str], limit: int) -> list[np.ndarray]:
         """Texts -> ids, refusing empty ones and truncating (with a warning) over-long ones."""
         if isinstance(sentences, str):
             raise TypeError("translate() takes a list of sentences, not one string")
         for i, s in enumerate(sentences):
             if not s.strip():
                 raise ValueError(f"sentence {i} is empty")
-        limit = self.config.max_len
         out = []
         for i, ids in enumerate(self.tokenizer.encode_batch(list(sentences))):
             if len(ids) > limit:
@@ -89,16 +106,34 @@ class Translator:
             out.append(ids)
         return out
 
-    def _batches(self, ids: list[np.ndarray]):
+    def _batches(self, ids: list[np.ndarray]) -> Iterator[tuple[range, np.ndarray]]:
         """Yields (row indices, inputs [bucketed batch, bucketed length])."""
         for start in range(0, len(ids), self.max_batch):
             chunk = ids[start : start + self.max_batch]
-            longest = max(len(x) for x in chunk)
-            length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.config.max_len)
-            inputs = np.full((_bucket(len(chunk), self.max_batch), length), PAD_ID, np.int32)
-            for row, x in enumerate(chunk):
-                inputs[row, : len(x)] = x
-            yield range(start, start + len(chunk)), inputs
+            rows = _bucket(len(chunk), self.max_batch)
+            yield range(start, start + len(chunk)), _padded(chunk, rows, self.max_source_len)
+
+    def translate_stream(
+        self,
+        sentences: Sequence[str],
+        *,
+        beam_size: int = 1,
+        alpha: float = 0.6,
+        num_top: int = 0,
+    ) -> Iterator[Translation]:
+        """Translations in order, each batch's as soon as it is decoded. Every sentence is
+        checked (empty ones refused) before the first is translated."""
+        for rows, inputs in self._batches(self._encode(sentences, self.max_source_len)):
+            out = decode_best(
+                self.model,
+                self.params,
+                inputs,
+                max_decode_len=self.max_decode_len,
+                beam_size=beam_size,
+                alpha=alpha,
+                num_top=num_top,
+            )
+            yield from (self._translation(out, r, beam_size > 1) for r in range(len(rows)))
 
     def translate(
         self,
@@ -109,19 +144,9 @@ class Translator:
         num_top: int = 0,
     ) -> list[Translation]:
         """Translate sentences (greedy when beam_size == 1); num_top alternatives per step."""
-        results: list[Translation] = []
-        for rows, inputs in self._batches(self._encode(sentences)):
-            out = decode_best(
-                self.model,
-                self.params,
-                inputs,
-                max_decode_len=self.max_decode_len,
-                beam_size=beam_size,
-                alpha=alpha,
-                num_top=num_top,
-            )
-            results.extend(self._translation(out, r, beam_size > 1) for r in range(len(rows)))
-        return results
+        return list(
+            self.translate_stream(sentences, beam_size=beam_size, alpha=alpha, num_top=num_top)
+        )
 
     def evaluate(
         self,
@@ -129,22 +154,24 @@ class Translator:
         *,
         beam_size: int = 1,
         alpha: float = 0.6,
-        desc: str | None = None,
+        progress: bool = False,
     ) -> dict[str, Any]:
-        """Translate each example's "source" and score it against its "target".
+        """Loss and translation scores of examples ({"source", "target"} dicts, or a data
+        source of them), through the training loop's own `evaluate.evaluate_split`.
 
-        Returns `evaluate.scores`: sacreBLEU, lowercased BLEU, chrF, exact match, signature.
-        With `desc`, a progress bar of that name counts the sentences.
+        Returns its result: nll, perplexity, accuracy, sacreBLEU, lowercased BLEU, chrF,
+        exact match and the BLEU signature.
         """
-        hypotheses: list[str] = []
-        bar = tqdm(total=len(examples), desc=desc, disable=desc is None, leave=False)
-        for start in range(0, len(examples), self.max_batch):
-            chunk = examples[start : start + self.max_batch]
-            out = self.translate([e["source"] for e in chunk], beam_size=beam_size, alpha=alpha)
-            hypotheses.extend(t.text for t in out)
-            bar.update(len(chunk))
-        bar.close()
-        return scores(hypotheses, [e["target"] for e in examples])
+        options = EvalOptions(
+            batch_size=self.max_batch,
+            max_source_len=self.max_source_len,
+            max_target_len=self.max_decode_len,
+            beam_size=beam_size,
+            alpha=alpha,
+        )
+        return evaluate_split(
+            self.model, self.params, self.tokenizer, examples, options, progress=progress
+        )
 
     def _translation(self, out: Any, row: int, beam: bool) -> Translation:
         length = int(out.lengths[row])
@@ -171,19 +198,16 @@ class Translator:
         """Teacher-forced (piece, log-probability) of each target token, eos included."""
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
-        source_ids, target_ids = self._encode(sources), self._encode(targets)
+        source_ids = self._encode(sources, self.max_source_len)
+        target_ids = self._encode(targets, self.max_decode_len)
         results = []
         for rows, inputs in self._batches(source_ids):
             chunk = [target_ids[r] for r in rows]
-            width = -(-max(len(t) for t in chunk) // LENGTH_BUCKET) * LENGTH_BUCKET
-            tgt = np.full((inputs.shape[0], min(width, self.config.max_len)), PAD_ID, np.int32)
-            for row, t in enumerate(chunk):
-                tgt[row, : len(t)] = t[: tgt.shape[1]]
+            tgt = _padded(chunk, inputs.shape[0], self.max_decode_len)
             log_probs = np.asarray(
                 generate.score(self.model, self.params, inputs, tgt, generate.translation_spec())
             )
             for row, t in enumerate(chunk):
-                n = min(len(t), tgt.shape[1])
-                pieces = [self.tokenizer.piece(int(i)) for i in t[:n]]
-                results.append(list(zip(pieces, log_probs[row, :n].tolist(), strict=True)))
+                pieces = [self.tokenizer.piece(int(i)) for i in t]
+                results.append(list(zip(pieces, log_probs[row, : len(t)].tolist(), strict=True)))
         return results

@@ -54,6 +54,10 @@ class ParallelSource:
         """Reads many examples at once: about ten times faster per example than indexing."""
         return [self._example(record) for record in self._records.__getitems__(list(indices))]
 
+    def examples(self) -> list[dict[str, str]]:
+        """Every example of the split, in order, read in one batched call."""
+        return self.__getitems__(range(len(self)))
+
     def _example(self, record: dict[str, bytes]) -> dict[str, str]:
         source, target = self._langs
         return {"source": record[source].decode(), "target": record[target].decode()}
