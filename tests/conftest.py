@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,30 @@ def uninterrupted(corpus, tmp_path_factory) -> Path:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "exact match" in out.stdout
     return workdir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def two_processes_and_one(script: Path, *args: str) -> tuple[list[dict], dict]:
+    """Run `script PROCESS_ID COUNT PORT *args` as two processes of one jax.distributed job
+    and as one process alone, all at once; the last stdout line of each, as JSON:
+    ([process 0's, process 1's], the single process's)."""
+
+    def launch(process_id: int, count: int, port: int) -> subprocess.Popen:
+        command = [sys.executable, str(script), str(process_id), str(count), str(port), *args]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    port = _free_port()
+    processes = [launch(0, 2, port), launch(1, 2, port), launch(0, 1, _free_port())]
+    outputs = [p.communicate() for p in processes]
+    for p, (_, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    # The last JSON line: gloo writes its own lines to stdout too.
+    results = [
+        json.loads([x for x in out.splitlines() if x.startswith("{")][-1]) for out, _ in outputs
+    ]
+    return results[:2], results[2]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import train_command, train_losses
 
-from tfjax import distill, train_lib
+from tfjax import checkpoint, distill, recipe, sharding, train_lib, trainer
+from tfjax.data import load_or_train_tokenizer, train_dataset
 from tfjax.distill import Distillation
 from tfjax.model import Transformer, preset
 from tfjax.translator import Translator
@@ -100,16 +101,57 @@ def test_alpha_zero_is_exactly_the_plain_step(pair):
         np.testing.assert_array_equal(a, b)
 
 
+def _first_step_inputs(workdir):
+    """(student config, its first batch, its initial parameters) rebuilt as `tfjax.trainer`
+    builds them for a fresh run in `workdir`: the recipe's pipeline over the prepared data with
+    the workdir's tokenizer, and the train state initialised from config.seed."""
+    config, data = recipe.workdir_data(str(workdir))
+    tokenizer = load_or_train_tokenizer(
+        workdir / "spm.model", data.source("train"), vocab_size=config.vocab_size
+    )
+    pipeline = train_dataset(data.source("train"), tokenizer, recipe.pipeline_options(config))
+    batch = next(iter(pipeline))
+    model = Transformer(recipe.model_config(config))
+    optimizer, _ = recipe.train_step_options(config)
+    state, _ = train_lib.create_train_state(
+        jax.random.key(config.seed),
+        model,
+        optimizer,
+        trainer._example_batch(config),
+        sharding.make_mesh(tuple(config.mesh)),
+    )
+    return config, model, batch, state.params
+
+
+def _smoothed_cross_entropy(logits, targets, label_smoothing):
+    """[B, T]: -sum_v soft_v log p_v minus the entropy of soft, the smoothed target (mass
+    1 - label_smoothing on the target, the rest spread over the other V - 1 tokens); the
+    convention of `train_lib.token_scores`."""
+    vocab = logits.shape[-1]
+    confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
+    soft = np.where(np.arange(vocab) == targets[..., None], confidence, low)  # [B, T, V]
+    entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low))
+    return -np.sum(soft * _np_log_softmax(logits), axis=-1) - entropy
+
+
 def test_a_student_trains_from_a_teacher_workdir(uninterrupted, corpus, tmp_path):
-    """A narrower student restores the teacher, adopts its tokenizer and trains with KD."""
+    """A narrower student restores the teacher, adopts its tokenizer and trains on the KD loss.
+
+    Its first logged loss (step 1; the test recipe logs every step) is the distillation
+    formula of `tfjax.distill` on its first batch, computed here in NumPy from the logits of
+    the student's initial parameters and of the teacher's restored ones. No dropout, so the
+    step's logits are those of a plain forward pass.
+    """
+    alpha, temperature = 0.5, 2.0
     command = train_command(
         tmp_path,
         corpus,
         f"--config.distill.teacher_workdir={uninterrupted}",
-        "--config.distill.alpha=0.5",
-        "--config.distill.temperature=2.0",
+        f"--config.distill.alpha={alpha}",
+        f"--config.distill.temperature={temperature}",
         "--config.model.d_model=16",
         "--config.model.d_ff=32",
+        "--config.model.dropout_rate=0",
         steps=12,
     )
     out = subprocess.run(command, capture_output=True, text=True)
@@ -117,6 +159,24 @@ def test_a_student_trains_from_a_teacher_workdir(uninterrupted, corpus, tmp_path
     assert (tmp_path / "spm.model").read_bytes() == (uninterrupted / "spm.model").read_bytes()
     losses = train_losses(tmp_path)
     assert len(losses) == 12 and all(np.isfinite(v) for v in losses.values())
+
+    config, student, batch, params = _first_step_inputs(tmp_path)
+    teacher_cfg, teacher_params, _, _ = checkpoint.restore_for_inference(uninterrupted)
+    inputs = train_lib.model_inputs(batch)
+    logits = np.asarray(student.apply({"params": params}, **inputs), np.float64)  # [B, T, V]
+    teacher = np.asarray(Transformer(teacher_cfg).apply({"params": teacher_params}, **inputs))
+    targets = np.asarray(batch["targets"])
+    weights = (targets != student.config.pad_id).astype(np.float64)  # [B, T]
+    ce = _smoothed_cross_entropy(logits, targets, config.label_smoothing)
+    p_teacher = _np_log_softmax(teacher.astype(np.float64) / temperature)
+    p_student = _np_log_softmax(logits / temperature)
+    kl = np.sum(np.exp(p_teacher) * (p_teacher - p_student), axis=-1)  # [B, T]
+    per_token = alpha * temperature**2 * kl + (1 - alpha) * ce
+    expected = np.sum(per_token * weights) / np.sum(weights)
+    # The step computes in float32 and this in float64: they differed by 5e-8 relative.
+    assert losses[1] == pytest.approx(expected, rel=1e-6)
+    # The teacher's term matters: the cross-entropy alone is far from the logged loss.
+    assert np.sum(ce * weights) / np.sum(weights) != pytest.approx(expected, rel=1e-2)
 
 
 def test_distill_data_writes_the_teachers_translations(uninterrupted, corpus, tmp_path):

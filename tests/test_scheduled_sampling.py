@@ -1,8 +1,11 @@
 """Scheduled sampling: the decay schedules, the input mixing, and its place in the train step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tfjax import scheduled_sampling, train_lib
@@ -100,10 +103,9 @@ def tiny():
     return model, params, batch
 
 
-def test_p_one_feeds_the_first_pass_predictions_shifted_right(tiny):
-    model, params, batch = tiny
-    always = ScheduledSampling("linear", k=0.0)  # epsilon 0: p = 1
-    inputs = train_lib._sampled_inputs(params, batch, jax.random.key(5), model, always, 0)
+def _first_pass_inputs(model, params, batch):
+    """The documented p = 1 rule, in NumPy: after a segment's first position, every decoder
+    input is the teacher-forced pass's argmax prediction of the previous position."""
     logits = model.apply({"params": params}, **train_lib.model_inputs(batch))
     predictions = np.argmax(np.asarray(logits), axis=-1)  # [B, T]
     expected = np.array(batch["decoder_inputs"])
@@ -111,6 +113,14 @@ def test_p_one_feeds_the_first_pass_predictions_shifted_right(tiny):
     for b, t in np.ndindex(expected.shape):
         if t > 0 and segments[b, t] > 0 and segments[b, t] == segments[b, t - 1]:
             expected[b, t] = predictions[b, t - 1]
+    return expected
+
+
+def test_p_one_feeds_the_first_pass_predictions_shifted_right(tiny):
+    model, params, batch = tiny
+    always = ScheduledSampling("linear", k=0.0)  # epsilon 0: p = 1
+    inputs = train_lib._sampled_inputs(params, batch, jax.random.key(5), model, always, 0)
+    expected = _first_pass_inputs(model, params, batch)
     np.testing.assert_array_equal(inputs["decoder_inputs"], expected)
 
 
@@ -130,3 +140,56 @@ def test_p_zero_is_exactly_teacher_forcing(tiny):
     leaves = jax.tree_util.tree_leaves
     for a, b in zip(leaves(g_plain), leaves(g_never), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+_OPTIMIZER = optax.adam(1e-3)  # the loss metric is taken before the update: any optimizer
+
+
+@functools.cache  # one compilation per sampling setting, whatever the state's step
+def _train_step(model, sampling):
+    options = train_lib.StepOptions(label_smoothing=0.1, sampling=sampling)
+    step = functools.partial(
+        train_lib.train_step, model=model, optimizer=_OPTIMIZER, options=options
+    )
+    return jax.jit(step)
+
+
+def _step_loss(model, params, batch, step, sampling):
+    """The loss metric of one jitted `train_lib.train_step` from a state at `step`."""
+    state = train_lib.TrainState(
+        step=jnp.asarray(step, jnp.int32), params=params, opt_state=_OPTIMIZER.init(params)
+    )
+    _, metrics = _train_step(model, sampling)(state, batch, jax.random.key(11))
+    return float(metrics["loss"])
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tiny):
+    """Plain train-step losses (no scheduled sampling) on the gold decoder inputs and on the
+    first pass's predictions mixed in by the documented rule. The tiny preset has no dropout,
+    so a step's loss depends on its inputs only."""
+    model, params, batch = tiny
+    fed = dict(batch, decoder_inputs=_first_pass_inputs(model, params, batch))
+    assert np.any(fed["decoder_inputs"] != batch["decoder_inputs"])  # an untrained model errs
+    gold, predicted = (_step_loss(model, params, b, 0, None) for b in (batch, fed))
+    assert abs(gold - predicted) > 1e-3 * abs(gold)  # the two cases are told apart
+    return gold, predicted
+
+
+# epsilon = 1 - step / 4: p = 0 from a state at step 0, p = 1 from step 4 on (exactly: 0.25 * 4
+# is 1 in float32, and a Bernoulli draw with p = 1 always replaces).
+RAMP = ScheduledSampling("linear", k=1.0, c=0.25)
+
+
+@pytest.mark.parametrize("step, fed", [(0, "gold"), (4, "first pass"), (9, "first pass")])
+def test_train_step_takes_its_loss_where_the_schedule_at_the_states_step_says(
+    tiny, reference_losses, step, fed
+):
+    """One jitted train step, the same parameters, states at different steps: at p = 0 the
+    loss is the plain step's on the gold inputs, at p = 1 the plain step's on the first pass's
+    predictions (`_first_pass_inputs`)."""
+    model, params, batch = tiny
+    gold, predicted = reference_losses
+    expected = gold if fed == "gold" else predicted
+    # Equal here; the bound allows XLA to fuse the two programs' sums differently.
+    assert _step_loss(model, params, batch, step, RAMP) == pytest.approx(expected, rel=1e-6)

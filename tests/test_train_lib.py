@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, two_processes_and_one
 from multi_device_steps import STEPS
 
 from tfjax import sharding, train_lib
@@ -182,37 +183,9 @@ def test_meshes_of_eight_devices_match_one_device():
             assert run["sharded_leaves"] > 0, mesh
 
 
-MULTI_PROCESS_SCRIPT = Path(__file__).with_name("multi_process_steps.py")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process():
     """jax.distributed on localhost, 4 CPU devices per process, gloo collectives."""
-
-    def launch(process_id: int, count: int, port: int) -> subprocess.Popen:
-        command = [
-            sys.executable,
-            str(MULTI_PROCESS_SCRIPT),
-            str(process_id),
-            str(count),
-            str(port),
-        ]
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    port = _free_port()
-    workers = [launch(i, 2, port) for i in range(2)]
-    single = launch(0, 1, _free_port())
-    outputs = [p.communicate() for p in (*workers, single)]
-    for p, (_, err) in zip((*workers, single), outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    two = json.loads(outputs[0][0].strip().splitlines()[-1])
-    one = json.loads(outputs[2][0].strip().splitlines()[-1])
-    assert two["processes"] == 2 and one["processes"] == 1
-    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
+    two, one = two_processes_and_one(ROOT / "tests" / "multi_process_steps.py")
+    assert two[0]["processes"] == two[1]["processes"] == 2 and one["processes"] == 1
+    for process in two:
+        np.testing.assert_allclose(process["losses"], one["losses"], rtol=1e-6)

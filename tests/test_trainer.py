@@ -3,14 +3,20 @@
 import re
 import signal
 import subprocess
+import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import STEPS, train_command, train_losses
+from conftest import ROOT, STEPS, train_command, train_losses, two_processes_and_one
 
 from tfjax import checkpoint
 from tfjax.model import Transformer
+
+
+def _start(command: list[str]) -> subprocess.Popen:
+    """A training run whose log (stderr) the test reads line by line."""
+    return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
 def _run_until(command: list[str], log_line: str, sig: int) -> tuple[subprocess.Popen, str]:
@@ -19,9 +25,7 @@ def _run_until(command: list[str], log_line: str, sig: int) -> tuple[subprocess.
     The run is given far more steps than it can take before the signal lands, so the signal
     always arrives mid-training.
     """
-    process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-    )
+    process = _start(command)
     for line in process.stderr:  # blocks on the child's log: no timing guesses
         if log_line in line:
             process.send_signal(sig)
@@ -74,6 +78,72 @@ def test_sigterm_saves_before_exit(corpus, tmp_path):
     step = checkpoint.Checkpointer(workdir, async_saves=False).latest_step()
     assert step is not None and 10 <= step < 1000
     assert f"Saved step {step} after SIGTERM" in rest
+
+
+def test_a_kill_during_a_checkpoint_write_never_restores_the_partial_step(
+    corpus, uninterrupted, tmp_path
+):
+    """Freeze the run (SIGSTOP) as soon as it logs a save; if the save is still being written
+    (Orbax's unfinalised `<step>.orbax-checkpoint-tmp-*` directory is on disk), SIGKILL it
+    there, else let it go on to the next save. The partial step is never restored: the rerun
+    starts from the last complete checkpoint and its losses are bit-identical."""
+    workdir = tmp_path / "killed_while_saving"
+    command = train_command(workdir, corpus, "--config.checkpoint_every=5", steps=1000)
+    process = _start(command)
+    partial = []
+    for line in process.stderr:
+        saving = re.search(r"Checkpoint (\d+): saving", line)
+        if not saving:
+            continue
+        process.send_signal(signal.SIGSTOP)
+        partial = [p.name for p in (workdir / "checkpoints").iterdir() if "-tmp" in p.name]
+        if partial or int(saving.group(1)) >= STEPS - 5:
+            break
+        process.send_signal(signal.SIGCONT)
+    process.kill()
+    process.wait()
+    assert partial, "no save was caught mid-write"
+    partial_step = int(partial[0].split(".")[0])
+    resumed_from = checkpoint.Checkpointer(workdir, async_saves=False).latest_step()
+    assert resumed_from == (partial_step - 5 or None), (partial, resumed_from)
+    (workdir / "metrics.jsonl").unlink()
+    out = subprocess.run(train_command(workdir, corpus), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    restarted, reference = train_losses(workdir), train_losses(uninterrupted)
+    assert sorted(restarted) == list(range((resumed_from or 0) + 1, STEPS + 1))
+    for step, loss in restarted.items():
+        assert loss == reference[step], (step, loss, reference[step])
+
+
+def test_sigterm_saves_within_a_few_steps_however_slow_they_are(corpus, tmp_path):
+    """Steps of a wider model, no metrics fetch for 1,000 steps: the loop must not run ahead
+    of the device, or the save would wait behind every step queued before the SIGTERM. The
+    save ends within 10 step times (measured from this run's own progress) of the signal."""
+    workdir = tmp_path / "slow"
+    wide = ["--config.model.d_model=256", "--config.model.d_ff=1024", "--config.batch_size=32"]
+    quiet = ["--config.log_every=1000", "--config.checkpoint_every=1000"]
+    command = train_command(workdir, corpus, *wide, *quiet, steps=1000)
+    process = _start(command)
+    marks = {}  # steps dispatched -> when the progress bar showed them
+    for line in process.stderr:  # the bar's carriage returns read as line ends
+        shown = re.search(r"train:.*\|\s*(\d+)/1000", line)
+        if shown and int(shown.group(1)) >= 5:
+            marks[int(shown.group(1))] = time.monotonic()
+        if marks and max(marks) >= 25:
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            break
+    first, last = min(marks), max(marks)
+    seconds_per_step = (marks[last] - marks[first]) / (last - first)
+    rest = ""
+    for line in process.stderr:
+        rest += line
+        if "after SIGTERM" in line:
+            saved = time.monotonic()
+            break
+    process.wait()
+    assert process.returncode == 0, rest[-3000:]
+    assert saved - signalled < 10 * seconds_per_step, (saved - signalled, seconds_per_step)
 
 
 @pytest.mark.parametrize(
@@ -145,3 +215,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     assert all(np.isfinite(loss) for loss in train_losses(workdir).values())
     saved = checkpoint.Checkpointer(workdir, async_saves=False).latest_step()
     assert saved is None or saved < bad  # the diverged state was never saved
+
+
+def test_two_process_evaluation_equals_one_process(uninterrupted):
+    """Eval rows are split over the processes and placed on the mesh, as the trainer does;
+    loss and BLEU come out global, the same on every process and as in one process."""
+    two, one = two_processes_and_one(ROOT / "tests" / "multi_process_eval.py", str(uninterrupted))
+    assert [r["process"] for r in two] == [0, 1] and one["process"] == 0
+    for beam in ("beam1", "beam2"):
+        for result in two:  # every process computes the same scores
+            for key in ("bleu", "chrf", "exact_match", "bleu_lowercase"):
+                assert result[beam][key] == one[beam][key], (beam, key)
+            for key in ("nll", "accuracy"):  # sums regrouped over processes: float rounding
+                np.testing.assert_allclose(result[beam][key], one[beam][key], rtol=1e-6)
+        assert one[beam]["bleu"] > 0 and one[beam]["chrf"] > 0  # not equal by being empty

@@ -11,6 +11,7 @@ A checkpoint directory `<workdir>/checkpoints/<step>/` holds, written together:
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ def restore_for_inference(
     if not directory.exists():
         raise CheckpointError(f"{directory} does not exist; is {workdir} a training workdir?")
     manager, step = _step_dir(directory, step)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         tree = manager.item_metadata(step).state.tree
@@ -186,32 +187,63 @@ def restore_for_inference(
     return config, restored.state["params"], tokenizer, meta
 
 
+def _resolved(path: str | Path) -> epath.Path:
+    """`path` with `..` and symlinks resolved where it is local; a gs:// path as written."""
+    # epath's resolve() neither follows symlinks nor leaves gs:// alone.
+    return epath.Path(path if "://" in str(path) else os.path.realpath(path))
+
+
+def _check_average_output(workdir: str | Path, output: str | Path, step: int) -> epath.Path:
+    """`<output>/checkpoints`, refusing the source workdir, a folder in it, or an output whose
+    checkpoints reach `step` (Orbax would skip the save without a word)."""
+    source, target = _resolved(workdir), _resolved(output)
+    if target == source or target.is_relative_to(source):
+        where = "is" if target == source else "is inside"
+        raise CheckpointError(f"output {output} {where} the source workdir {workdir}")
+    directory = target / "checkpoints"
+    taken = (
+        [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+    )
+    if taken and max(taken) >= step:
+        raise CheckpointError(
+            f"{directory} already holds step {max(taken)}; the average is step {step}: "
+            "choose an output without checkpoints from that step on"
+        )
+    return directory
+
+
 def average_checkpoints(workdir: str | Path, output: str | Path, last: int) -> list[int]:
     """Average the parameters of the last `last` checkpoints into `<output>/checkpoints/<step>`.
 
-    As fairseq's checkpoint averaging: an element-wise mean of the parameters, written as a
-    checkpoint (parameters, meta, tokenizer) that `restore_for_inference` and the Translator
-    read like any other. Returns the averaged steps.
+    As fairseq's checkpoint averaging: an element-wise mean of the parameters in float64, each
+    rounded once to its saved dtype, written as a checkpoint (parameters, meta, tokenizer) that
+    `restore_for_inference` and the Translator read like any other. `output` must be neither
+    the source workdir nor inside it. Returns the averaged steps.
     """
     manager, _ = _step_dir(epath.Path(workdir) / "checkpoints", None)
-    steps = sorted(manager.all_steps())[-last:]
-    if len(steps) < last:
-        raise CheckpointError(f"asked to average {last} checkpoints; {workdir} has {steps}")
-    total, config = None, None
+    found = sorted(manager.all_steps())
+    if not 1 <= last <= len(found):
+        raise CheckpointError(
+            f"asked to average {last} checkpoints; {workdir} has {len(found)} ({found}), so "
+            f"last must be 1 to {len(found)}"
+        )
+    steps = found[-last:]
+    directory = _check_average_output(workdir, output, steps[-1])
+    total, config, dtypes = None, None, None
     for step in steps:
         cfg, params, tokenizer, meta = restore_for_inference(workdir, step)
         if config is not None and cfg != config:
             raise CheckpointError(f"checkpoint {step} has a different model config")
         config = cfg
-        params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
-        total = params if total is None else jax.tree_util.tree_map(np.add, total, params)
-    dtypes = jax.tree_util.tree_map(lambda x: x.dtype, params)
+        if dtypes is None:  # each leaf is written back in the dtype it was saved in
+            dtypes = jax.tree_util.tree_map(lambda x: x.dtype, params)
+        wide = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+        total = wide if total is None else jax.tree_util.tree_map(np.add, total, wide)
     average = jax.tree_util.tree_map(lambda s, d: (s / len(steps)).astype(d), total, dtypes)
     writer = ocp.CheckpointManager(
-        epath.Path(output) / "checkpoints",
-        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     )
-    writer.save(
+    saved = writer.save(
         steps[-1],
         args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": average}),
@@ -219,5 +251,7 @@ def average_checkpoints(workdir: str | Path, output: str | Path, last: int) -> l
             assets=ocp.args.StandardSave({"tokenizer": np.frombuffer(tokenizer, np.uint8)}),
         ),
     )
-    writer.close()
+    writer.close()  # synchronous: the step is committed once save() returns
+    if not saved or not (directory / str(steps[-1])).exists():
+        raise CheckpointError(f"the average was not written to {directory / str(steps[-1])}")
     return steps

@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 # Commands whose recipe takes --config.KEY=VALUE overrides after the known arguments.
 _RECIPE_COMMANDS = ("train", "precompile")
+# The smallest value of each numeric argument of the other commands, checked before any work.
+_LOWEST = {"beam": 1, "batch": 1, "show_probs": 0, "last": 1}
 
 
 class CommandError(Exception):
@@ -99,10 +101,14 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> object:
     from absl import flags
     from ml_collections import config_flags
 
+    argv = ["tfjax", f"--config={path}", *overrides]
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "recipe", flag_values=values, lock_config=True)
+    # sys_argv: the overrides are read from these arguments, not from this process's sys.argv.
+    config_flags.DEFINE_config_file(
+        "config", None, "recipe", flag_values=values, lock_config=True, sys_argv=argv
+    )
     try:
-        values(["tfjax", f"--config={path}", *overrides])
+        values(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
         raise CommandError(f"{path}: {e}", status=2) from e
     return values.config
@@ -125,6 +131,9 @@ def quiet_library_logs() -> None:
 
 def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     config = load_config(args.config, overrides)
+    from tfjax import recipe
+
+    recipe.validate(config)  # the trainer checks too; here the error is the only output line
     # Progress lines (checkpoints, evaluations) are INFO logs, on stderr as under absl.app.
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
@@ -148,9 +157,22 @@ def _lines(args: argparse.Namespace) -> tuple[list[str], bool]:
     if args.sentences:
         return list(args.sentences), False
     if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f], True
-    return [line.rstrip("\n") for line in sys.stdin], False
+        with open(args.file, "rb") as f:
+            return _utf8_lines(f.read(), args.file), True
+    return _utf8_lines(sys.stdin.buffer.read(), "<stdin>"), False
+
+
+def _utf8_lines(data: bytes, name: str) -> list[str]:
+    """The lines of `data`, split where a text file's are, naming a line that is not UTF-8."""
+    lines = []
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise CommandError(
+                f"{name}: line {number} is not UTF-8 ({e.reason} at byte {e.start + 1})"
+            ) from e
+    return lines
 
 
 def probability_table(translation) -> str:
@@ -163,8 +185,8 @@ def probability_table(translation) -> str:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    sentences, progress = _lines(args)  # a bad file fails before the checkpoint is restored
     translator = _translator(args)
-    sentences, progress = _lines(args)
     stream = translator.translate_stream(
         sentences, beam_size=args.beam, alpha=args.alpha, num_top=args.show_probs
     )
@@ -284,6 +306,15 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse a numeric argument below its smallest value (`_LOWEST`)."""
+    for name, lowest in _LOWEST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < lowest:
+            flag = "--" + name.replace("_", "-")
+            raise CommandError(f"{flag} {value}: must be at least {lowest}", status=2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -300,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in _RECIPE_COMMANDS:
             run = {"train": _train, "precompile": _precompile}[args.command]
             return run(args, extra)
+        _check_numbers(args)
         return commands[args.command](args)
     except Exception as e:
         if os.environ.get("TFJAX_TRACEBACK") or not isinstance(e, _expected_errors()):

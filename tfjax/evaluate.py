@@ -15,11 +15,14 @@ from typing import Any
 import jax
 import numpy as np
 import sacrebleu
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from tfjax import generate, train_lib
+from tfjax import generate, sharding, train_lib
 from tfjax.data import Tokenizer, eval_dataset
 from tfjax.model import Transformer
+
+Batch = dict[str, Any]  # eval_dataset's arrays [rows, ...], on the host or placed on a mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +42,12 @@ def _jitted_eval_step(model: Transformer):
     return jax.jit(functools.partial(train_lib.eval_step, model=model))
 
 
-def _loss(model: Transformer, params: Any, batches: Iterable[dict[str, np.ndarray]]):
+def _loss(model: Transformer, params: Any, batches: Iterable[Batch]) -> dict[str, float]:
     """Per-token nll, perplexity and accuracy over eval batches (padding rows weigh 0)."""
     eval_step = _jitted_eval_step(model)
     totals = {"nll": 0.0, "tokens": 0.0, "correct": 0.0}
     for batch in batches:
-        m = jax.device_get(eval_step(params, {k: v for k, v in batch.items() if k != "index"}))
+        m = generate.to_host(eval_step(params, {k: v for k, v in batch.items() if k != "index"}))
         totals = {k: totals[k] + float(m[k]) for k in totals}
     tokens = max(totals["tokens"], 1.0)
     return {
@@ -62,21 +65,33 @@ def evaluate_split(
     options: EvalOptions,
     *,
     decode_sentences: int | None = None,
+    mesh: Mesh | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Loss on every example of `source` ({"source", "target"} dicts), and the `scores` of
-    the translations of its first `decode_sentences` (None: all; 0: no decoding)."""
+    the translations of its first `decode_sentences` (None: all; 0: no decoding).
+
+    With a `mesh` (the trainer's), each process reads its own rows of every batch
+    (options.batch_size per process) and the rows are placed on the mesh, so the loss sums
+    and the decoded hypotheses are global: every process computes the same scores, and so
+    makes the same best-checkpoint choice. Without one, one process reads every row.
+    """
+    shard = {} if mesh else dict(process_index=0, process_count=1)
     batches = eval_dataset(
         source,
         tokenizer,
         batch_size=options.batch_size,
         max_source_len=options.max_source_len,
         max_target_len=options.max_target_len,
+        **shard,
     )
+    if mesh is not None:
+        batches = batches.map(functools.partial(sharding.place_batch, mesh=mesh))
     result = _loss(model, params, batches)
     wanted = len(source) if decode_sentences is None else min(decode_sentences, len(source))
     if wanted:
-        chosen = [batches[i] for i in range(-(-wanted // options.batch_size))]
+        rows = options.batch_size * (jax.process_count() if mesh else 1)  # per global batch
+        chosen = [batches[i] for i in range(-(-wanted // rows))]
         hyps = translate_batches(
             model,
             params,
@@ -96,7 +111,7 @@ def evaluate_split(
 def translate_batches(
     model: Transformer,
     params: Any,
-    batches: Iterable[dict[str, np.ndarray]],
+    batches: Iterable[Batch],
     tokenizer: Tokenizer,
     *,
     max_decode_len: int,
@@ -104,7 +119,8 @@ def translate_batches(
     alpha: float = 0.6,
     progress: bool = False,
 ) -> dict[int, str]:
-    """Detokenized translations by example index, for eval batches (rows with index -1 skipped)."""
+    """Detokenized translations by example index, for eval batches (rows with index -1
+    skipped), placed on a mesh or not; every process gets every row's translation."""
     out: dict[int, str] = {}
     for batch in tqdm(batches, desc="translate", disable=not progress, leave=False):
         tokens = generate.decode_best(
@@ -115,7 +131,7 @@ def translate_batches(
             beam_size=beam_size,
             alpha=alpha,
         ).tokens  # [B, L]
-        for index, row in zip(batch["index"], tokens, strict=True):
+        for index, row in zip(generate.to_host(batch["index"]), tokens, strict=True):
             if index >= 0:
                 out[int(index)] = tokenizer.decode(row)
     return out

@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from tfjax import beam_search, decode
 from tfjax.data import BOS_ID, EOS_ID, PAD_ID
@@ -198,6 +199,18 @@ def score(
     return decode.target_log_probs(logits, targets, pad_id=spec.pad_id)
 
 
+def to_host(tree: Any) -> Any:
+    """Device arrays -> NumPy. An array spread over several processes' devices (a batch on a
+    multi-host mesh) is gathered, whole, on every process."""
+
+    def fetch(x: jax.Array | np.ndarray) -> np.ndarray:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree_util.tree_map(fetch, tree)
+
+
 def decode_best(
     model: Transformer,
     params: Params,
@@ -208,7 +221,8 @@ def decode_best(
     alpha: float = 0.6,
     num_top: int = 0,
 ) -> Any:
-    """Each sentence's best translation of a source batch [B, S], fetched to the host.
+    """Each sentence's best translation of a source batch [B, S], fetched to the host
+    (`to_host`: a batch placed on a multi-host mesh comes back whole on every process).
 
     Decodes with `translation_spec(num_top)`: greedy (a `decode.DecodeOutput`) when
     beam_size == 1; otherwise the first of each n-best list: a
@@ -217,7 +231,7 @@ def decode_best(
     spec = translation_spec(num_top)
     if beam_size == 1:
         out = translate_greedy(model, params, inputs, spec, max_decode_len=max_decode_len)
-        return jax.device_get(out)
+        return to_host(out)
     out = translate_beam(
         model,
         params,
@@ -227,4 +241,4 @@ def decode_best(
         beam_size=beam_size,
         alpha=alpha,
     )
-    return jax.device_get(jax.tree_util.tree_map(lambda x: x[:, 0], out))
+    return to_host(jax.tree_util.tree_map(lambda x: x[:, 0], out))

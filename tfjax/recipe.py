@@ -6,6 +6,9 @@ read a config only through these functions, so a key means the same thing everyw
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,6 +24,71 @@ from tfjax.scheduled_sampling import ScheduledSampling
 
 class ConfigError(ValueError):
     """A config that cannot work: a missing or inconsistent value."""
+
+
+# pad, unk, bos and eos, sentencepiece's 256 byte-fallback pieces, and at least one more.
+MIN_VOCAB_SIZE = 4 + 256 + 1
+_DROPOUTS = ("dropout_rate", "attention_dropout_rate", "activation_dropout_rate")
+# (keys, test, what the test asks) for the values that `validate` checks one by one.
+_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    (
+        ("learning_rate", "num_train_steps", "batch_size", "max_source_len", "max_target_len")
+        + ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"),
+        lambda v: v > 0,
+        "> 0",
+    ),
+    (
+        ("warmup_steps", "eval_decode_sentences", "clip_norm", "weight_decay"),
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    (("accum_steps", "eval_beam_size"), lambda v: v >= 1, ">= 1"),
+    (("label_smoothing",), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (
+        ("vocab_size",),
+        lambda v: v >= MIN_VOCAB_SIZE,
+        f">= {MIN_VOCAB_SIZE} (4 special ids and 256 bytes)",
+    ),
+    (
+        ("mesh",),
+        lambda v: len(v) == 3 and all(s == -1 or s >= 1 for s in v) and list(v).count(-1) <= 1,
+        "3 sizes (data, fsdp, tensor), each >= 1 or one of them -1",
+    ),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Refuse a config that cannot train, naming every bad value at once, before any work."""
+    problems = [
+        f"{key}={config[key]!r} must be {wants}"
+        for keys, test, wants in _RULES
+        for key in keys
+        if not test(config[key])
+    ]
+    if config.accum_steps >= 1 and config.batch_size % config.accum_steps:
+        problems.append(
+            f"batch_size={config.batch_size} is not divisible by accum_steps={config.accum_steps}"
+        )
+    if config.batch_size % jax.process_count():
+        processes = jax.process_count()
+        problems.append(f"batch_size={config.batch_size} is not divisible by {processes} processes")
+    try:
+        model = model_config(config)
+    except (ValueError, TypeError) as e:
+        problems.append(f"model: {e}")
+    else:
+        problems += [
+            f"model.{name}={getattr(model, name)!r} must be in [0, 1)"
+            for name in _DROPOUTS
+            if not 0 <= getattr(model, name) < 1
+        ]
+        problems += [
+            f"{key}={config[key]} must be <= model.max_len={model.max_len}"
+            for key in ("max_source_len", "max_target_len")
+            if config[key] > model.max_len
+        ]
+    if problems:
+        raise ConfigError(f"{len(problems)} bad config value(s): " + "; ".join(problems))
 
 
 def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:

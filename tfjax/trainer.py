@@ -94,6 +94,7 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Prepare data and tokenizer, the mesh, the model and the data iterator."""
+    recipe.validate(config)  # before the workdir or anything else is made
     root = epath.Path(workdir)
     _check_workdir(root)
     options = recipe.pipeline_options(config)
@@ -156,26 +157,33 @@ def create_or_restore(run: Run, optimizer) -> tuple[train_lib.TrainState, Any]:
 
 
 class _Preemption:
-    """Turns SIGTERM (a cloud preemption notice) into a flag the loop checks every step."""
+    """SIGTERM (a cloud preemption notice) -> a checkpoint at a step every process agrees on.
 
-    def __init__(self, every: int) -> None:
-        self.every = every  # multi-host: agree only every `every` steps, not on every step
+    Checked after every step, and the loop keeps at most one step queued behind the running
+    one, so the save starts within about two step times of the signal, however long a step
+    is. One process: our own SIGTERM flag. Several: JAX's preemption sync point, whose
+    coordination service hears SIGTERM on any host and names the next step every host will
+    reach; asking costs a local read, not a collective.
+    """
+
+    def __init__(self) -> None:
+        self.multihost = jax.process_count() > 1
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        # Several processes: JAX's own handler (installed by jax.distributed) must keep SIGTERM.
+        self._previous = None if self.multihost else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         logging.warning("SIGTERM: saving a checkpoint before exiting")
         self.requested = True
 
     def due(self, step: int) -> bool:
-        if jax.process_count() > 1:  # every host must agree on the step it stops at
-            if step % self.every:
-                return False  # an all-gather is a host sync: not on every step
-            return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+        if self.multihost:
+            return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _summaries(metrics: dict[str, Any], seconds: float, steps: int) -> dict[str, float]:
@@ -225,7 +233,13 @@ def _evaluate(run: Run, params: Any, split: str, decode_sentences: int | None) -
     options = recipe.eval_options(run.config)
     source = run.data.source(split)
     return evaluate.evaluate_split(
-        run.model, params, run.tokenizer, source, options, decode_sentences=decode_sentences
+        run.model,
+        params,
+        run.tokenizer,
+        source,
+        options,
+        decode_sentences=decode_sentences,
+        mesh=run.mesh,
     )
 
 
@@ -260,7 +274,7 @@ def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
     """Steps until config.num_train_steps, with logging, evaluation and checkpoints."""
     config = run.config
     writer = MetricWriter(run.workdir)
-    preemption = _Preemption(config.log_every)
+    preemption = _Preemption()
     rng = jax.random.key(config.seed + 1)
     start = int(state.step)
     pending: list[Any] = []
@@ -277,6 +291,11 @@ def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
         for step in range(start + 1, config.num_train_steps + 1):
             batch = sharding.place_batch(next(run.train_iter), run.mesh)
             state, metrics = step_fn(state, batch, rng)
+            # Step `step` is queued; wait for the one before it. Dispatch is asynchronous, and
+            # a loop allowed to run ahead until the next metrics fetch left a SIGTERM's save
+            # waiting behind up to log_every queued steps.
+            if pending:
+                jax.block_until_ready(pending[-1])
             pending.append(metrics)
             bar.update(1)
             checkpoint_due = step % config.checkpoint_every == 0 or step == config.num_train_steps

@@ -73,6 +73,8 @@ class Translator:
         self.tokenizer = tokenizer
         self.max_source_len = min(max_source_len or config.max_len, config.max_len)
         self.max_decode_len = min(max_decode_len, config.max_len)
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: a decoder call takes at least 1 sentence")
         self.max_batch = max_batch
 
     @classmethod
@@ -121,9 +123,29 @@ class Translator:
         alpha: float = 0.6,
         num_top: int = 0,
     ) -> Iterator[Translation]:
-        """Translations in order, each batch's as soon as it is decoded. Every sentence is
-        checked (empty ones refused) before the first is translated."""
-        for rows, inputs in self._batches(self._encode(sentences, self.max_source_len)):
+        """Translations in order, each batch's as soon as it is decoded. The arguments and
+        every sentence are checked (empty ones refused) here, before the first is translated.
+
+        num_top beyond the vocabulary is clamped to it, with a warning.
+        """
+        if beam_size < 1:
+            raise ValueError(f"beam_size={beam_size}: must be at least 1 (1 is greedy)")
+        if num_top < 0:
+            raise ValueError(f"num_top={num_top}: must be at least 0 (0 shows no alternatives)")
+        vocab = self.config.target_vocab
+        if num_top > vocab:
+            logging.warning(
+                "num_top=%d is more than the %d-id vocabulary; using %d", num_top, vocab, vocab
+            )
+            num_top = vocab
+        ids = self._encode(sentences, self.max_source_len)
+        return self._decode(ids, beam_size, alpha, num_top)
+
+    def _decode(
+        self, ids: list[np.ndarray], beam_size: int, alpha: float, num_top: int
+    ) -> Iterator[Translation]:
+        """Decodes checked, encoded sentences batch by batch."""
+        for rows, inputs in self._batches(ids):
             out = decode_best(
                 self.model,
                 self.params,
@@ -173,11 +195,20 @@ class Translator:
             self.model, self.params, self.tokenizer, examples, options, progress=progress
         )
 
+    def _piece(self, token_id: int) -> str:
+        """The piece of an id; "<id N>" past the tokenizer's last, for sentencepiece may make
+        fewer pieces than the model's vocab_size, and the model still scores those ids."""
+        return (
+            self.tokenizer.piece(token_id)
+            if token_id < self.tokenizer.vocab_size
+            else f"<id {token_id}>"
+        )
+
     def _translation(self, out: Any, row: int, beam: bool) -> Translation:
         length = int(out.lengths[row])
         ids = [int(i) for i in out.tokens[row, :length]]
         alternatives = [
-            [(self.tokenizer.piece(int(i)), float(p)) for i, p in zip(ids_t, probs_t, strict=True)]
+            [(self._piece(int(i)), float(p)) for i, p in zip(ids_t, probs_t, strict=True)]
             for ids_t, probs_t in zip(
                 out.top_ids[row, :length], out.top_probs[row, :length], strict=True
             )
@@ -185,7 +216,7 @@ class Translator:
         log_probs = [float(x) for x in out.token_log_probs[row, :length]]
         return Translation(
             text=self.tokenizer.decode(ids),
-            pieces=[self.tokenizer.piece(i) for i in ids],
+            pieces=[self._piece(i) for i in ids],
             log_probs=log_probs,
             score=float(np.sum(log_probs)),
             penalised=float(out.scores[row]) if beam else None,

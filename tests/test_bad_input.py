@@ -1,0 +1,219 @@
+"""Bad arguments, configs and files: each refused with one `error:` line, writing nothing."""
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import ROOT, train_command
+
+from tfjax import checkpoint, recipe, trainer
+from tfjax.cli import load_config
+from tfjax.translator import Translator
+
+DEFAULT = str(ROOT / "configs" / "default.py")
+sys.path.insert(0, str(ROOT))  # recipes import each other as configs.<name>, as train.py sees them
+
+
+@pytest.fixture(scope="module")
+def translator(uninterrupted):
+    return Translator.from_workdir(uninterrupted, max_batch=4)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tfjax", *args], capture_output=True, text=True)
+
+
+def _assert_refused(out: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The run failed with exactly one `error:` line on stderr holding every fragment."""
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0, out.stdout[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def _files(root: Path) -> dict[str, int]:
+    """Every path under root -> its modification time, to show nothing was written."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_average_refuses_to_write_into_its_source(uninterrupted, tmp_path):
+    workdir = Path(shutil.copytree(uninterrupted, tmp_path / "w"))
+    alias = tmp_path / "alias"
+    alias.symlink_to(workdir)
+    before = _files(workdir)
+    for output in (workdir, alias):
+        out = _cli("average", "--workdir", str(workdir), "--last", "2", "--output", str(output))
+        _assert_refused(out, "source")
+    with pytest.raises(checkpoint.CheckpointError, match="inside the source"):
+        checkpoint.average_checkpoints(workdir, workdir / "averaged", 2)
+    assert _files(workdir) == before
+
+
+def test_average_refuses_an_output_holding_the_step(uninterrupted, tmp_path):
+    steps = checkpoint.average_checkpoints(uninterrupted, tmp_path / "avg", 2)
+    assert (tmp_path / "avg" / "checkpoints" / str(steps[-1])).is_dir()
+    before = _files(tmp_path / "avg")
+    with pytest.raises(checkpoint.CheckpointError, match=f"already holds step {steps[-1]}"):
+        checkpoint.average_checkpoints(uninterrupted, tmp_path / "avg", 2)
+    assert _files(tmp_path / "avg") == before
+
+
+def _saved_dtypes(workdir: Path, step: int):
+    """Each parameter's dtype on disk: without jax_enable_x64, JAX restores float64 as float32."""
+    with ocp.CheckpointManager(
+        workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    ) as manager:
+        tree = manager.item_metadata(step).state.tree["params"]
+    return jax.tree_util.tree_map(lambda m: np.dtype(m.dtype), tree)
+
+
+def test_average_keeps_each_saved_dtype(uninterrupted, tmp_path):
+    steps = checkpoint.average_checkpoints(uninterrupted, tmp_path / "avg", 3)
+    assert _saved_dtypes(tmp_path / "avg", steps[-1]) == _saved_dtypes(uninterrupted, steps[-1])
+    originals = [checkpoint.restore_for_inference(uninterrupted, s)[1] for s in steps]
+    _, averaged, _, meta = checkpoint.restore_for_inference(tmp_path / "avg", steps[-1])
+    assert meta["averaged_steps"] == steps
+
+    def check(mean, *saved):
+        # The float64 mean, rounded once to the saved dtype.
+        want = (sum(np.asarray(x, np.float64) for x in saved) / len(saved)).astype(saved[0].dtype)
+        assert mean.dtype == saved[0].dtype
+        np.testing.assert_array_equal(np.asarray(mean), want)
+
+    jax.tree_util.tree_map(check, averaged, *originals)
+
+
+@pytest.mark.parametrize("last", [0, -1, 4])
+def test_average_last_out_of_range(uninterrupted, tmp_path, last):
+    assert len(_checkpoint_steps(uninterrupted)) == 3  # the fixture keeps 3 checkpoints
+    with pytest.raises(checkpoint.CheckpointError, match=f"asked to average {last} checkpoints"):
+        checkpoint.average_checkpoints(uninterrupted, tmp_path / "avg", last)
+    assert not (tmp_path / "avg").exists()
+
+
+def test_cli_average_last_zero(uninterrupted, tmp_path):
+    out = _cli(
+        "average", "--workdir", str(uninterrupted), "--last", "0", "--output", str(tmp_path / "a")
+    )
+    _assert_refused(out, "--last 0")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("beam", [0, -3])
+def test_translator_refuses_a_beam_below_one(translator, beam):
+    with pytest.raises(ValueError, match=f"beam_size={beam}"):
+        translator.translate(["ein mann"], beam_size=beam)
+    with pytest.raises(ValueError, match=f"beam_size={beam}"):
+        translator.translate_stream(["ein mann"], beam_size=beam)  # before the first item
+
+
+def test_translator_refuses_a_batch_below_one(translator):
+    with pytest.raises(ValueError, match="max_batch=0"):
+        Translator(translator.config, translator.params, translator.tokenizer, max_batch=0)
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--beam", "0"), ("--beam", "-3"), ("--batch", "0"), ("--show-probs", "-1")]
+)
+def test_cli_translate_refuses_bad_numbers(uninterrupted, flag, value):
+    out = _cli("translate", "--workdir", str(uninterrupted), flag, value, "ein mann")
+    _assert_refused(out, f"{flag} {value}")
+
+
+def test_num_top_is_clamped_to_the_vocabulary(translator, caplog):
+    vocab = translator.config.target_vocab
+    with caplog.at_level(logging.WARNING):
+        (translation,) = translator.translate(["ein buch"], num_top=100_000)
+    assert all(len(top) == vocab for top in translation.alternatives)
+    assert any("num_top=100000" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="num_top=-1"):
+        translator.translate(["ein buch"], num_top=-1)
+
+
+def _config(*overrides: str):
+    return load_config(DEFAULT, overrides)
+
+
+def test_accum_steps_must_divide_the_batch(tmp_path):
+    config = _config("--config.accum_steps=7")  # batch_size 64
+    with pytest.raises(recipe.ConfigError, match="accum_steps=7"):
+        recipe.validate(config)
+    with pytest.raises(recipe.ConfigError, match="accum_steps=7"):
+        trainer.setup(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_validate_lists_every_problem_at_once():
+    bad = {
+        "learning_rate": "-1.0",
+        "warmup_steps": "-5",
+        "num_train_steps": "0",
+        "batch_size": "0",
+        "accum_steps": "0",
+        "max_source_len": "0",
+        "max_target_len": "65",  # model.max_len is 64
+        "model.dropout_rate": "1.0",
+        "label_smoothing": "1.0",
+        "vocab_size": "4",
+        "log_every": "0",
+        "eval_every": "0",
+        "checkpoint_every": "0",
+        "keep_checkpoints": "0",
+        "eval_batch_size": "0",
+        "eval_beam_size": "0",
+        "eval_decode_sentences": "-1",
+        "clip_norm": "-1.0",
+        "weight_decay": "-0.1",
+        "mesh": "(1,1)",
+    }
+    config = _config(*(f"--config.{k}={v}" for k, v in bad.items()))
+    with pytest.raises(recipe.ConfigError) as error:
+        recipe.validate(config)
+    message = str(error.value)
+    for key in bad:
+        assert f"{key}=" in message, key
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("[!_]*.py")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid(path):
+    recipe.validate(load_config(str(path)))
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--config.no_such_key=1"], ["no_such_key"]),
+        (
+            ["--config.learning_rate=-1", "--config.warmup_steps=-5"],
+            ["learning_rate=-1", "warmup_steps=-5"],
+        ),
+    ],
+    ids=["typo", "bad_values"],
+)
+def test_train_refuses_a_bad_config(corpus, tmp_path, extra, fragments):
+    workdir = tmp_path / "w"
+    out = subprocess.run(train_command(workdir, corpus, *extra), capture_output=True, text=True)
+    _assert_refused(out, *fragments)
+    assert not workdir.exists()
+
+
+def test_translate_names_the_line_with_invalid_utf8(uninterrupted, tmp_path):
+    source = tmp_path / "in.de"
+    source.write_bytes(b"ok\n\xff\xfe bad\n")
+    out = _cli("translate", "--workdir", str(uninterrupted), "--file", str(source))
+    _assert_refused(out, str(source), "line 2")
