@@ -103,3 +103,31 @@ def two_processes_and_one(script: Path, *args: str) -> tuple[list[dict], dict]:
         json.loads([x for x in out.splitlines() if x.startswith("{")][-1]) for out, _ in outputs
     ]
     return results[:2], results[2]
+
+
+MULTI_DEVICE_TEST = "test_meshes_of_eight_devices_match_one_device"
+_STARTED: dict[str, subprocess.Popen] = {}
+
+
+def multi_device_run() -> subprocess.Popen:
+    """tests/multi_device_steps.py on 8 simulated CPU devices (XLA_FLAGS appended to, so a run
+    under e.g. --xla_cpu_max_isa=AVX2 keeps that flag); started at collection if selected."""
+    if MULTI_DEVICE_TEST in _STARTED:
+        return _STARTED.pop(MULTI_DEVICE_TEST)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
+    script = ROOT / "tests" / "multi_device_steps.py"
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def pytest_collection_finish(session) -> None:
+    # The 8-device run is one process that mostly compiles, on one core: started now, it runs
+    # beside the rest of the suite on the other core instead of after it.
+    if any(item.originalname == MULTI_DEVICE_TEST for item in session.items):
+        _STARTED[MULTI_DEVICE_TEST] = multi_device_run()

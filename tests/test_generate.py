@@ -207,6 +207,28 @@ def test_logits_processor_sees_each_step(tiny):
     np.testing.assert_allclose(scored, out.token_log_probs, atol=ATOL)
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_score_applies_the_specs_controls_as_the_decoders_do(tiny, beam):
+    """With min_length and no_repeat_ngram_size set, scoring a decoder's output with its own
+    spec gives back its token log-probabilities (of the banned, renormalised distribution)."""
+    model, params, inputs, _ = tiny
+    spec = dataclasses.replace(
+        TOP, logits_processor=BAN_AND_FORCE, min_length=3, no_repeat_ngram_size=2
+    )
+    if beam == 1:
+        out = jax.device_get(G.translate_greedy(model, params, inputs, spec, **KW))
+    else:
+        best = G.translate_beam(model, params, inputs, spec, beam_size=beam, **KW)
+        out = jax.device_get(jax.tree_util.tree_map(lambda x: x[:, 0], best))
+    assert np.all(out.lengths >= 4)  # min_length 3, then eos
+    scored = G.score(model, params, inputs, out.tokens, spec)
+    plain = G.score(
+        model, params, inputs, out.tokens, dataclasses.replace(TOP, logits_processor=BAN_AND_FORCE)
+    )
+    np.testing.assert_allclose(scored, out.token_log_probs, atol=ATOL)
+    assert not np.allclose(plain, out.token_log_probs, atol=ATOL)  # the controls do matter
+
+
 def test_score_equals_full_forward_prefix_by_prefix(tiny):
     model, params, inputs, _ = tiny
     rng = np.random.default_rng(3)

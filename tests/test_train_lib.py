@@ -2,16 +2,12 @@
 
 import functools
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, two_processes_and_one
+from conftest import ROOT, multi_device_run, two_processes_and_one
 from multi_device_steps import STEPS
 
 from tfjax import sharding, train_lib
@@ -150,9 +146,6 @@ def test_mesh_shape_resolution_and_errors():
             sharding.mesh_shape(bad, 8)
 
 
-MULTI_DEVICE_SCRIPT = Path(__file__).with_name("multi_device_steps.py")
-
-
 def test_meshes_of_eight_devices_match_one_device():
     """5 steps on data (8,1,1), fsdp (1,8,1) and mixed (2,2,2) meshes equal one device.
 
@@ -164,14 +157,10 @@ def test_meshes_of_eight_devices_match_one_device():
     over that rounding. A batch shard read by every device, or gradients not all-reduced,
     measured gradient errors of 1.5-3.5 and parameter errors near 2 (a different update).
     """
-    # Appended, so that a run under e.g. --xla_cpu_max_isa=AVX2 keeps that flag.
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip())
-    out = subprocess.run(
-        [sys.executable, str(MULTI_DEVICE_SCRIPT)], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    process = multi_device_run()  # started when the suite was collected
+    stdout, stderr = process.communicate()
+    assert process.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
     reference = result.pop("1,1,1")
     for mesh, run in result.items():
         np.testing.assert_allclose(run["losses"], reference["losses"], rtol=1e-5, err_msg=mesh)

@@ -19,6 +19,9 @@ from tfjax.decode import (
 )
 
 LengthPenalty = Literal["gnmt", "plain"]
+# True: a sentence stops once its finished pool is full; "never": once no alive hypothesis can
+# enter it (see `beam_search`). Hugging Face's heuristic False is not offered.
+EarlyStopping = Literal[True, "never"]
 
 
 @flax.struct.dataclass
@@ -199,29 +202,37 @@ def _beam_step(
     spec: DecodeSpec,
     *,
     max_decode_len: int,
+    early_stopping: EarlyStopping,
 ) -> _BeamState:
     """Extends every alive hypothesis by one token; see `beam_search` for the rules."""
     batch, beam = state.last_tokens.shape
     ids = state.last_tokens.reshape(batch * beam, 1)  # [batch, beam] -> [batch * beam, 1]
     logits, cache = tokens_to_logits(ids, state.cache)  # [batch * beam, vocab]
     # [batch * beam, vocab] -> [batch, beam, vocab]
-    log_probs = log_softmax(spec.next_logits(logits, step)).reshape(batch, beam, -1)
+    # Row b * beam + k of the logits continues alive[b, k]: its own tokens are its history.
+    history = state.alive.tokens.reshape(batch * beam, -1)  # [batch * beam, max_decode_len]
+    log_probs = log_softmax(spec.next_logits(logits, step, history)).reshape(batch, beam, -1)
     candidates, parents = _expand(state.alive, log_probs, step, spec.num_top)
     last_tokens = lax.dynamic_index_in_dim(candidates.tokens, step, axis=2, keepdims=False)
     ending = (last_tokens == spec.eos_id) | (step == max_decode_len - 1)  # [batch, 2 * beam]
     # Only the best `beam` candidates may finish, as in Hugging Face and fairseq: the rest
-    # exist so that `beam` hypotheses stay alive.
-    new = ending & (jnp.arange(2 * beam) < beam)
+    # exist so that `beam` hypotheses stay alive. A stopped sentence's pool is frozen, so its
+    # n-best list does not depend on how long other sentences run (with "never" nothing
+    # could enter it anyway).
+    new = ending & (jnp.arange(2 * beam) < beam) & ~state.done[:, None]  # [batch, 2 * beam]
     finished = _merge_finished(
         state.finished, candidates, new, score(candidates.log_prob_sums, candidates.lengths)
     )
     alive, indices = _select_alive(candidates, ending, beam)
+    done = state.done | _can_stop(finished, alive, step, max_decode_len, score)
+    if early_stopping is True:
+        done = done | jnp.all(finished.scores > -jnp.inf, axis=-1)  # a full pool
     return _BeamState(
         cache=reorder_cache(cache, jnp.take_along_axis(parents, indices, axis=1)),
         last_tokens=jnp.take_along_axis(last_tokens, indices, axis=1),
         alive=alive,
         finished=finished,
-        done=state.done | _can_stop(finished, alive, step, max_decode_len, score),
+        done=done,
     )
 
 
@@ -250,6 +261,7 @@ def beam_search(
     max_decode_len: int,
     alpha: float = 0.6,
     length_penalty: LengthPenalty = "gnmt",
+    early_stopping: EarlyStopping = "never",
 ) -> BeamSearchOutput:
     """Beam search with the beams folded into the batch; returns each sentence's n-best list.
 
@@ -263,18 +275,28 @@ def beam_search(
     eos within `max_decode_len` ends there, with length max_decode_len and the same
     penalised score of its max_decode_len log-probs.
 
-    Early stopping: a sentence stops once its worst finished score (-inf while the pool has a
-    free slot) is >= the best score that any finished extension of its alive hypotheses
-    could reach. With S the best alive log-prob sum and t the alive length, that bound is
-    max(score(S, t + 1), score(S, max_decode_len)): an extension has log-prob sum S' <= S,
-    since log-probs are <= 0, and length n in [t + 1, max_decode_len], so its score is
-    S' / penalty(n) <= S / penalty(n). Both penalties, ((5 + n) / 6) ** alpha and
-    n ** alpha, are positive and monotone in n for any alpha, so S / penalty(n) with S <= 0
-    is monotone in n and peaks at an end of the range (at max_decode_len when alpha >= 0).
+    Early stopping, early_stopping="never" (the default): a sentence stops once its worst
+    finished score (-inf while the pool has a free slot) is >= the best score that any
+    finished extension of its alive hypotheses could reach. With S the best alive log-prob
+    sum and t the alive length, that bound is max(score(S, t + 1), score(S, max_decode_len)):
+    an extension has log-prob sum S' <= S, since log-probs are <= 0, and length n in
+    [t + 1, max_decode_len], so its score is S' / penalty(n) <= S / penalty(n). Both
+    penalties, ((5 + n) / 6) ** alpha and n ** alpha, are positive and monotone in n for any
+    alpha, so S / penalty(n) with S <= 0 is monotone in n and peaks at an end of the range
+    (at max_decode_len when alpha >= 0).
     Because it is a true bound, stopping never changes the n-best list, it only saves
     steps: the loop stops once every sentence has stopped, so no model call is made for
     steps after that. A stopped sentence's rows still pass through the model while other
-    sentences run.
+    sentences run; its pool no longer changes.
+
+    early_stopping=True, Hugging Face's `early_stopping=True`: a sentence stops as soon as its
+    pool holds `beam_size` finished hypotheses (or, as above, when nothing can enter it),
+    however much better an alive hypothesis might still end. Fewer steps, and possibly
+    another n-best list. Hugging Face's early_stopping=False, a heuristic between the two, is
+    not offered.
+
+    The spec's min_length and no_repeat_ngram_size apply to each alive hypothesis with its
+    own tokens as history (hypotheses change beams every step); see `tfjax.decode.DecodeSpec`.
 
     With length_penalty="plain" this is Hugging Face `generate(num_beams=beam_size,
     length_penalty=alpha, early_stopping="never", max_new_tokens=max_decode_len)`, whose
@@ -291,11 +313,15 @@ def beam_search(
       max_decode_len: number of tokens to generate at most, eos included.
       alpha: length-penalty exponent; 0 ranks by raw log-prob sum.
       length_penalty: "gnmt" or "plain"; see `penalised_score`.
+      early_stopping: "never" or True; see above.
 
     Returns:
       A `BeamSearchOutput` with the n-best list sorted by score. A slot with score -inf is
       empty (fewer than beam_size distinct hypotheses exist): pad tokens, length 0.
     """
+
+    if early_stopping is not True and early_stopping != "never":
+        raise ValueError(f"early_stopping must be True or 'never', got {early_stopping!r}")
 
     def score(sums: jax.Array, lengths: jax.Array) -> jax.Array:
         return penalised_score(sums, lengths, alpha=alpha, length_penalty=length_penalty)
@@ -307,7 +333,13 @@ def beam_search(
     def body(carry: tuple[_BeamState, jax.Array]) -> tuple[_BeamState, jax.Array]:
         state, step = carry
         state = _beam_step(
-            state, step, tokens_to_logits, score, spec, max_decode_len=max_decode_len
+            state,
+            step,
+            tokens_to_logits,
+            score,
+            spec,
+            max_decode_len=max_decode_len,
+            early_stopping=early_stopping,
         )
         return state, step + 1
 

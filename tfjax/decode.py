@@ -46,7 +46,7 @@ _RowsCarry = tuple[Cache, jax.Array, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-    """What every decoder needs besides its shapes: special ids, records, logits processor.
+    """What every decoder needs besides its shapes: special ids, records, processing controls.
 
     Frozen and hashable, so it is a static jit argument. Processors compare by identity: an
     equal spec with the same processor object reuses a compilation, a new processor object
@@ -58,13 +58,79 @@ class DecodeSpec:
     pad_id: int  # written after a hypothesis's eos (and in its records: id pad_id, prob 0)
     num_top: int = 0  # alternatives (top ids and probabilities) recorded per step; 0: none
     logits_processor: LogitsProcessor | None = None  # see `LogitsProcessor`; None: the model's
+    # eos is banned at steps < min_length: at least min_length tokens precede eos, so an ended
+    # hypothesis has length (eos counted) >= min_length + 1. Hugging Face's `min_new_tokens`;
+    # its encoder-decoder `min_length` counts the decoder start token: its m is m - 1 here.
+    min_length: int = 0
+    # Bans every token that would complete an n-gram (n = no_repeat_ngram_size) already in the
+    # hypothesis's own generated tokens (bos excluded); 0: no ban. See `repeated_ngram_mask`.
+    no_repeat_ngram_size: int = 0
 
-    def next_logits(self, logits: jax.Array, step: jax.Array) -> jax.Array:
-        """[rows, vocab] logits of the token at `step` -> float32, processed, to choose from."""
+    def __post_init__(self) -> None:
+        for name in ("min_length", "no_repeat_ngram_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"DecodeSpec.{name} must be an int >= 0, got {value!r}")
+
+    def next_logits(self, logits: jax.Array, step: jax.Array, history: jax.Array) -> jax.Array:
+        """[rows, vocab] logits of the token at `step` -> float32, processed, to choose from.
+
+        `history` [rows, max_decode_len] int holds each row's tokens; those at positions
+        < step are the row's generated ones (the rest are not read). The spec's own controls
+        (min_length, no_repeat_ngram_size) run first, then its logits processor, the order
+        Hugging Face applies `min_length` and `forced_eos_token_id` in, so a forced eos wins.
+        With both controls 0 (Python ifs on the static spec) the program does no extra work.
+        """
         logits = logits.astype(jnp.float32)
+        vocab = logits.shape[-1]
+        if self.min_length > 0:
+            no_eos = (step < self.min_length) & (jnp.arange(vocab) == self.eos_id)  # [vocab]
+            logits = jnp.where(no_eos, -jnp.inf, logits)
+        if self.no_repeat_ngram_size > 0:
+            banned = repeated_ngram_mask(history, step, self.no_repeat_ngram_size, vocab)
+            logits = jnp.where(banned, -jnp.inf, logits)
         if self.logits_processor is None:
             return logits
         return self.logits_processor(logits, step)
+
+
+def repeated_ngram_mask(history: jax.Array, step: jax.Array, n: int, vocab: int) -> jax.Array:
+    """Tokens that would repeat an n-gram: Hugging Face's `NoRepeatNGramLogitsProcessor`.
+
+    The candidate for position `step` is banned when the n-gram it ends, history[step - n + 1
+    : step] + (candidate,), equals an n-gram history[j : j + n] with j + n <= step. Only the
+    generated tokens count: bos is not part of the sequence. Hugging Face runs the processor on
+    its `input_ids`, which begin with the decoder start token, so it also bans the n-grams that
+    begin with that token; the two agree whenever the start token is never generated again
+    (`generate.translation_spec` bans bos). Each row compares its last n - 1 tokens against
+    every window of its history: O(max_decode_len * n) per row, no loop over steps.
+
+    Args:
+      history: [rows, max_decode_len] int; positions < step are each row's generated tokens.
+      step: [] int32, the position of the token being chosen.
+      n: the n-gram size, >= 1 (1 bans every token generated before).
+      vocab: the vocabulary size.
+
+    Returns:
+      [rows, vocab] bool, True for banned tokens.
+    """
+    rows, length = history.shape
+    if n >= length:  # a repeat needs n + 1 tokens, one more than the longest hypothesis
+        return jnp.zeros((rows, vocab), jnp.bool_)
+    # [rows, length] -> [rows, length + n - 1], so each window start j < length has n tokens;
+    # windows reaching past the end are never valid (j + n <= step < length).
+    padded = jnp.pad(history, ((0, 0), (0, n - 1)), constant_values=-1)
+    windows = [padded[:, k : k + length] for k in range(n)]  # n x [rows, length]: [j] = h[j + k]
+    # The last n - 1 generated tokens [rows, n - 1]; the start is clamped to 0 while step < n - 1,
+    # when no window is valid anyway.
+    last = lax.dynamic_slice_in_dim(history, step - (n - 1), n - 1, axis=1)
+    match = (jnp.arange(length) + n <= step)[None, :]  # [1, length]: window j fully generated
+    for k in range(n - 1):
+        match = match & (windows[k] == last[:, k : k + 1])  # [rows, length]
+    # Scatter each matching window's next token; non-matching ones aim at `vocab`, dropped.
+    next_ids = jnp.where(match, windows[n - 1], vocab)  # [rows, length]
+    row_ids = jnp.arange(rows)[:, None]  # [rows, 1]
+    return jnp.zeros((rows, vocab), jnp.bool_).at[row_ids, next_ids].set(True, mode="drop")
 
 
 def ban_tokens(ids: Sequence[int]) -> LogitsProcessor:
@@ -216,15 +282,16 @@ def _decode_rows(
 ) -> DecodeOutput:
     """One hypothesis per row; `choose(logits [batch, vocab], step) -> [batch]` picks tokens.
 
-    `choose` sees the processed float32 logits (`DecodeSpec.next_logits`).
+    `choose` sees the processed float32 logits (`DecodeSpec.next_logits`), whose history is
+    the [batch, max_decode_len] token buffer being written.
     """
     pad_id, num_top = spec.pad_id, spec.num_top
 
-    def step(carry: _RowsCarry, t: jax.Array) -> tuple[_RowsCarry, _Step]:
+    def step(carry: _RowsCarry, history: jax.Array, t: jax.Array) -> tuple[_RowsCarry, _Step]:
         # Ended rows feed their pad_id back; their logits are computed but not used.
         cache, last, finished = carry  # last, finished: [batch]
         logits, cache = tokens_to_logits(last[:, None], cache)  # [batch, 1] -> [batch, vocab]
-        logits = spec.next_logits(logits, t)
+        logits = spec.next_logits(logits, t, history)
         log_probs = log_softmax(logits)
         tokens = jnp.where(finished, pad_id, choose(logits, t)).astype(jnp.int32)
         token_lp = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
@@ -243,7 +310,7 @@ def _decode_rows(
 
     def body(state: tuple[_RowsCarry, _Step, jax.Array]) -> tuple[_RowsCarry, _Step, jax.Array]:
         carry, steps, t = state
-        carry, out = step(carry, t)
+        carry, out = step(carry, steps.tokens, t)
         # Column t of each [batch, max_decode_len, ...] buffer, written in place.
         steps = jax.tree.map(lambda buf, x: buf.at[:, t].set(x), steps, out)
         return carry, steps, t + 1
@@ -297,7 +364,8 @@ def greedy_search(
     Args:
       tokens_to_logits: the callback described at the top of this module.
       cache: its cache, rows = batch_size.
-      spec: special ids, alternatives to record, and the logits processor.
+      spec: special ids, alternatives to record, min_length, no_repeat_ngram_size and the
+        logits processor (see `DecodeSpec.next_logits`).
       batch_size: number of rows.
       max_decode_len: number of tokens to generate at most, eos included.
 

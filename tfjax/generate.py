@@ -1,5 +1,6 @@
 """The decoders bound to the model (encode once, fill the cache, decode, score); the policy."""
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -132,7 +133,9 @@ def translate_sample(
     )
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "beam_size", "alpha", "length_penalty"))
+@functools.partial(
+    jax.jit, static_argnames=(*_STATIC, "beam_size", "alpha", "length_penalty", "early_stopping")
+)
 def translate_beam(
     model: Transformer,
     params: Params,
@@ -143,13 +146,14 @@ def translate_beam(
     beam_size: int,
     alpha: float = 0.6,
     length_penalty: beam_search.LengthPenalty = "gnmt",
+    early_stopping: beam_search.EarlyStopping = "never",
 ) -> beam_search.BeamSearchOutput:
     """Beam-search translation of a source batch; see `beam_search.beam_search`.
 
     The cache holds one copy of each sentence's keys and values, self-attention with a slot
     per beam, and a per-hypothesis origin table that beam search reorders (see
-    `tfjax.model`). Other arguments as in `translate_greedy`, plus beam_size, alpha and
-    length_penalty (see `beam_search.beam_search`).
+    `tfjax.model`). Other arguments as in `translate_greedy`, plus beam_size, alpha,
+    length_penalty and early_stopping (see `beam_search.beam_search`).
 
     Returns:
       A `beam_search.BeamSearchOutput`: each sentence's n-best list [B, beam_size, ...].
@@ -163,6 +167,7 @@ def translate_beam(
         max_decode_len=max_decode_len,
         alpha=alpha,
         length_penalty=length_penalty,
+        early_stopping=early_stopping,
     )
 
 
@@ -181,11 +186,12 @@ def score(
       inputs: [B, S] int source ids.
       targets: [B, T] int target ids, eos included, pad_id after the end.
       spec: the decoder's; uses bos_id (the decoder sees bos + targets[:, :-1]), pad_id
-        (target padding, scored 0 wherever it occurs) and the logits processor, applied at
-        every position t as at decode step t. So scoring a decoder's output with its spec
-        gives back its token log-probabilities. The decoders treat pad_id as an ordinary
-        token, so to re-score their outputs exactly, decode with a processor that bans it
-        (Marian's setting; `translation_spec` does).
+        (target padding, scored 0 wherever it occurs) and its controls and logits processor
+        (`DecodeSpec.next_logits`), applied at every position t as at decode step t. So
+        scoring a decoder's output with its spec gives back its token log-probabilities.
+        The decoders treat pad_id as an ordinary token, so to re-score their outputs
+        exactly, decode with a processor that bans it (Marian's setting;
+        `translation_spec` does).
 
     Returns:
       [B, T] float32 log p(targets[:, t] | source, bos, targets[:, :t]); 0 at padding.
@@ -193,9 +199,10 @@ def score(
     # [B, T] -> [B, T]: bos, then the targets shifted right by one.
     decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=spec.bos_id)
     logits = model.apply({"params": params}, inputs, decoder_inputs)  # [B, T, V]
-    if spec.logits_processor is not None:
-        steps = jnp.arange(targets.shape[1])  # [T]
-        logits = jax.vmap(spec.logits_processor, in_axes=(1, 0), out_axes=1)(logits, steps)
+    # Position t is processed as decode step t, with the targets as the tokens before it.
+    process = functools.partial(spec.next_logits, history=targets)
+    steps = jnp.arange(targets.shape[1])  # [T]
+    logits = jax.vmap(process, in_axes=(1, 0), out_axes=1)(logits, steps)  # [B, T, V]
     return decode.target_log_probs(logits, targets, pad_id=spec.pad_id)
 
 
@@ -220,15 +227,24 @@ def decode_best(
     beam_size: int = 1,
     alpha: float = 0.6,
     num_top: int = 0,
+    min_length: int = 0,
+    no_repeat_ngram_size: int = 0,
+    early_stopping: beam_search.EarlyStopping = "never",
 ) -> Any:
     """Each sentence's best translation of a source batch [B, S], fetched to the host
     (`to_host`: a batch placed on a multi-host mesh comes back whole on every process).
 
-    Decodes with `translation_spec(num_top)`: greedy (a `decode.DecodeOutput`) when
+    Decodes with `translation_spec(num_top)` and the given min_length and
+    no_repeat_ngram_size (see `decode.DecodeSpec`): greedy (a `decode.DecodeOutput`) when
     beam_size == 1; otherwise the first of each n-best list: a
     `beam_search.BeamSearchOutput` with the beam axis dropped ([B, beam, ...] -> [B, ...]).
+    early_stopping is beam search's (see `beam_search.beam_search`).
     """
-    spec = translation_spec(num_top)
+    spec = dataclasses.replace(
+        translation_spec(num_top),
+        min_length=min_length,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )
     if beam_size == 1:
         out = translate_greedy(model, params, inputs, spec, max_decode_len=max_decode_len)
         return to_host(out)
@@ -240,5 +256,6 @@ def decode_best(
         max_decode_len=max_decode_len,
         beam_size=beam_size,
         alpha=alpha,
+        early_stopping=early_stopping,
     )
     return to_host(jax.tree_util.tree_map(lambda x: x[:, 0], out))
