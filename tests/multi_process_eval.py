@@ -9,12 +9,12 @@ single-process reference.
 """
 
 import json
-import os
 import sys
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from multi_process_steps import join
 
 from tfjax import checkpoint, evaluate, recipe, sharding
 from tfjax.data import Tokenizer
@@ -33,14 +33,7 @@ def replicated(tree, mesh):
 
 
 def main(process_id: int, num_processes: int, port: int, workdir: str) -> None:
-    jax.config.update("jax_num_cpu_devices", 8 // num_processes)
-    os.environ.update(
-        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-        JAX_NUM_PROCESSES=str(num_processes),
-        JAX_PROCESS_ID=str(process_id),
-    )
-    if num_processes > 1:
-        sharding.initialize_distributed()
+    join(process_id, num_processes, port)
     config, data = recipe.workdir_data(workdir)
     model_cfg, params, tokenizer_bytes, _ = checkpoint.restore_for_inference(workdir)
     mesh = sharding.make_mesh((-1, 1, 1))

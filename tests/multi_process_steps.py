@@ -17,7 +17,8 @@ from multi_device_steps import STEPS, batches, train
 from tfjax import sharding
 
 
-def main(process_id: int, num_processes: int, port: int) -> None:
+def join(process_id: int, num_processes: int, port: int) -> None:
+    """Become process `process_id` of a job of 8 CPU devices on localhost (alone if 1)."""
     # Before any device is touched: the backend starts with this many CPU devices.
     jax.config.update("jax_num_cpu_devices", 8 // num_processes)
     os.environ.update(
@@ -28,6 +29,10 @@ def main(process_id: int, num_processes: int, port: int) -> None:
     if num_processes > 1:
         sharding.initialize_distributed()
     assert jax.device_count() == 8, jax.devices()
+
+
+def main(process_id: int, num_processes: int, port: int) -> None:
+    join(process_id, num_processes, port)
     data = batches(STEPS)
     rows = len(data[0]["inputs"]) // num_processes
     local = [
