@@ -217,3 +217,11 @@ def test_translate_names_the_line_with_invalid_utf8(uninterrupted, tmp_path):
     source.write_bytes(b"ok\n\xff\xfe bad\n")
     out = _cli("translate", "--workdir", str(uninterrupted), "--file", str(source))
     _assert_refused(out, str(source), "line 2")
+
+
+def test_a_bad_config_with_a_teacher_writes_nothing(uninterrupted, tmp_path):
+    """Distillation restores the teacher into the workdir first: the config is checked before."""
+    config = _config(f"--config.distill.teacher_workdir={uninterrupted}", "--config.clip_norm=-1")
+    with pytest.raises(recipe.ConfigError, match="clip_norm=-1"):
+        trainer.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()

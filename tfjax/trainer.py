@@ -246,6 +246,9 @@ def _evaluate(run: Run, params: Any, split: str, decode_sentences: int | None) -
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train per `config` in `workdir`, resuming if it holds checkpoints; returns final metrics."""
     sharding.initialize_distributed()
+    # Before the teacher is restored, which writes its tokenizer into the workdir; setup()
+    # checks again for callers that start there.
+    recipe.validate(config)
     teacher = _restore_teacher(config, epath.Path(workdir))
     run = setup(config, workdir)
     optimizer, options = recipe.train_step_options(config)
