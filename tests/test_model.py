@@ -128,6 +128,22 @@ def test_beams_share_one_copy_of_cross_attention_keys(tiny, forward):
     assert cache["decoder"]["origin"].shape == (2 * beams, 5)
 
 
+def _cache_and_step(model, params, src, rows: int, length: int, donate: bool = False):
+    """A filled decode cache for `rows` rows of up to `length` tokens over sources src [B', S],
+    and the jitted decode step (cache, ids [rows, 1]) -> (logits [rows, V], {"cache": ...})."""
+    enc = model.apply({"params": params}, src, method=model.encode)
+    cache = model.apply(
+        {"params": params}, enc, src, rows, length, method=model.init_cache, mutable=["cache"]
+    )[1]["cache"]
+    step = jax.jit(
+        lambda cache, ids: model.apply(
+            {"params": params, "cache": cache}, ids, method=model.decode_step, mutable=["cache"]
+        ),
+        donate_argnums=(0,) if donate else (),
+    )
+    return cache, step
+
+
 def test_beam_reordered_cache_reproduces_teacher_forcing_of_each_history(tiny, forward):
     """After each step the rows continue random parents (beam_search.reorder_cache, as beam search
     does); every row's logits must be the full forward pass over the history it inherited."""
@@ -136,16 +152,7 @@ def test_beam_reordered_cache_reproduces_teacher_forcing_of_each_history(tiny, f
     sentences, beams, length = 2, 3, 6
     src = _tokens(rng, (sentences, 7)).at[1, 5:].set(PAD)
     tokens = np.asarray(_tokens(rng, (sentences * beams, length)).at[:, 0].set(BOS))
-    enc = model.apply({"params": params}, src, method=model.encode)
-    cache = model.apply(
-        {"params": params}, enc, src, sentences * beams, length,
-        method=model.init_cache, mutable=["cache"],
-    )[1]["cache"]  # fmt: skip
-    step = jax.jit(
-        lambda cache, ids: model.apply(
-            {"params": params, "cache": cache}, ids, method=model.decode_step, mutable=["cache"]
-        )
-    )
+    cache, step = _cache_and_step(model, params, src, sentences * beams, length)
     history = tokens[:, :1]  # [rows, t + 1]: what each row's hypothesis has read so far
     for t in range(length):
         logits, state = step(cache, jnp.asarray(history[:, -1:]))
@@ -172,17 +179,7 @@ def test_decode_step_updates_self_attention_caches_in_place(tiny):
     cfg, model, params = tiny
     sentences, beams, length = 2, 3, 6
     src = jnp.ones((sentences, 5), jnp.int32)
-    enc = model.apply({"params": params}, src, method=model.encode)
-    cache = model.apply(
-        {"params": params}, enc, src, sentences * beams, length,
-        method=model.init_cache, mutable=["cache"],
-    )[1]["cache"]  # fmt: skip
-    step = jax.jit(
-        lambda cache, ids: model.apply(
-            {"params": params, "cache": cache}, ids, method=model.decode_step, mutable=["cache"]
-        ),
-        donate_argnums=(0,),
-    )
+    cache, step = _cache_and_step(model, params, src, sentences * beams, length, donate=True)
     ids = jnp.full((sentences * beams, 1), BOS, jnp.int32)
     hlo = step.lower(cache, ids).compile().as_text()
     shape = f"f32[{sentences},{cfg.num_heads},{cfg.kv_dim},{beams},{length}]"
