@@ -11,6 +11,8 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # "translation" (encoder-decoder), "masked_lm" or "classification" (encoder-only).
+    config.task = "translation"
     # Data.
     config.dataset = "synthetic"  # "synthetic", "folder" (text files in data_dir), or a TFDS name
     config.source_lang = "en"  # file suffix / TFDS language of the source side
@@ -53,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     config.seed = 0
+    # Encoder-only tasks.
+    config.mask_rate = 0.15  # masked_lm: share of each row's pieces predicted
+    config.label_names = ()  # classification: display names, in the order of the data's labels
+    config.init_from = ""  # classification: a masked_lm workdir whose encoder starts the model
     # Scale: mesh axis sizes (data, fsdp, tensor); -1 takes the remaining devices.
     config.mesh = (-1, 1, 1)
     # Token-level knowledge distillation (tfjax.distill): off while teacher_workdir is "".

@@ -131,3 +131,66 @@ def pytest_collection_finish(session) -> None:
     # beside the rest of the suite on the other core instead of after it.
     if any(item.originalname == MULTI_DEVICE_TEST for item in session.items):
         _STARTED[MULTI_DEVICE_TEST] = multi_device_run()
+
+
+POSITIVE = "good great fine lovely superb".split()
+NEGATIVE = "bad awful poor dull terrible".split()
+FILLER = "the film was and a plot cast music too".split()
+
+
+@pytest.fixture(scope="session")
+def task_folders(tmp_path_factory) -> dict[str, Path]:
+    """A sentiment TSV folder (label 1 iff the sentence has a POSITIVE word) and a plain
+    text folder of the same vocabulary, for the encoder-only tasks."""
+    root = tmp_path_factory.mktemp("tasks")
+    rng = np.random.default_rng(0)
+
+    def sentence(label: int) -> str:
+        words = list(rng.choice(FILLER, size=rng.integers(2, 7)))
+        words.insert(rng.integers(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+        return " ".join(words)
+
+    (root / "sentiment").mkdir()
+    for split, n in (("train", 480), ("dev", 48), ("test", 48)):
+        labels = rng.integers(0, 2, size=n)
+        rows = "".join(f"{y}\t{sentence(y)}\n" for y in labels)
+        (root / "sentiment" / f"{split}.tsv").write_text("label\tsentence\n" + rows)
+    (root / "text").mkdir()
+    for split, n in (("train", 600), ("test", 48)):
+        lines = [sentence(int(y)) for y in rng.integers(0, 2, size=n)]
+        (root / "text" / f"{split}.txt").write_text("\n\n".join(lines) + "\n")
+    return {"sentiment": root / "sentiment", "text": root / "text"}
+
+
+def train_in_process(workdir: Path, *overrides: str) -> dict:
+    """trainer.train_and_evaluate on configs/default.py with TINY and `overrides`."""
+    from tfjax import cli, trainer
+
+    config = cli.load_config(str(ROOT / "configs/default.py"), [*TINY, *overrides])
+    return trainer.train_and_evaluate(config, str(workdir))
+
+
+ENCODER_TASK = ["--config.dataset=folder", "--config.num_train_steps=60", "--config.eval_every=60"]
+
+
+@pytest.fixture(scope="session")
+def mlm_workdir(task_folders, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("mlm")
+    train_in_process(
+        workdir, *ENCODER_TASK, "--config.task=masked_lm", "--config.eval_split=test",
+        f"--config.data_dir={task_folders['text']}", "--config.learning_rate=3e-3",
+    )  # fmt: skip
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def classifier_workdir(task_folders, mlm_workdir, tmp_path_factory) -> Path:
+    """A classifier started from mlm_workdir's encoder, with display label names."""
+    workdir = tmp_path_factory.mktemp("classifier")
+    train_in_process(
+        workdir, *ENCODER_TASK, "--config.task=classification", "--config.pack=False",
+        "--config.eval_split=dev", f"--config.data_dir={task_folders['sentiment']}",
+        f"--config.init_from={mlm_workdir}", "--config.label_names=('NEGATIVE', 'POSITIVE')",
+        "--config.learning_rate=3e-3",
+    )  # fmt: skip
+    return workdir

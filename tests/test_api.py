@@ -6,12 +6,13 @@ import sys
 import pytest
 
 import tfjax
-from tfjax import model, trainer, translator
+from tfjax import model, pipelines, trainer, translator
 
 
 @pytest.mark.parametrize("name", tfjax.__all__)
 def test_every_public_name_is_its_defining_modules_object(name):
     home = {"Translator": translator, "Translation": translator, "train_and_evaluate": trainer}
+    home["pipeline"] = pipelines
     assert getattr(tfjax, name) is getattr(home.get(name, model), name)
 
 
@@ -25,7 +26,9 @@ def test_from_tfjax_import_the_documented_names():
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["train", "--help"], ["precompile", "--help"], ["translate", "--help"]]
+    "args",
+    [["--help"], ["train", "--help"], ["precompile", "--help"], ["translate", "--help"]]
+    + [["pipeline", "--help"]],
 )
 def test_help_lists_the_commands_and_their_arguments(args):
     out = subprocess.run([sys.executable, "-m", "tfjax", *args], capture_output=True, text=True)

@@ -15,6 +15,9 @@ _EXPORTS = {
     "Translator": "tfjax.translator",
     "Translation": "tfjax.translator",
     "train_and_evaluate": "tfjax.trainer",
+    "pipeline": "tfjax.pipelines",
+    "MaskedLM": "tfjax.model",
+    "Classifier": "tfjax.model",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -48,8 +48,14 @@ def config_from_json(values: dict[str, Any]) -> TransformerConfig:
     return TransformerConfig(**values)
 
 
+def _best_score(metrics: dict[str, float]) -> float:
+    # Workdirs written before encoder-only tasks saved their score as "bleu".
+    return metrics["score"] if "score" in metrics else metrics["bleu"]
+
+
 class Checkpointer:
-    """The workdir's checkpoint managers: the last `keep` saves, and the best by BLEU."""
+    """The workdir's checkpoint managers: the last `keep` saves, and the best by the task's score
+    (BLEU for translation, accuracy for encoder-only tasks)."""
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_saves: bool = True) -> None:
         root = epath.Path(workdir)  # local paths and gs:// alike
@@ -60,7 +66,7 @@ class Checkpointer:
         self.best = ocp.CheckpointManager(
             root / "best",
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m["bleu"], best_mode="max", **options
+                max_to_keep=1, best_fn=_best_score, best_mode="max", **options
             ),
         )
 
@@ -72,9 +78,9 @@ class Checkpointer:
         meta: dict[str, Any],
         tokenizer_bytes: bytes,
         *,
-        bleu: float | None = None,
+        score: float | None = None,
     ) -> None:
-        """Start saving (async); with `bleu`, also offer the checkpoint to the best-of manager."""
+        """Start saving (async); with `score`, also offer the checkpoint to the best-of manager."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -82,8 +88,8 @@ class Checkpointer:
             assets=ocp.args.StandardSave({"tokenizer": np.frombuffer(tokenizer_bytes, np.uint8)}),
         )
         self.latest.save(step, args=args, force=True)
-        if bleu is not None:
-            self.best.save(step, args=args, metrics={"bleu": float(bleu)}, force=True)
+        if score is not None:
+            self.best.save(step, args=args, metrics={"score": float(score)}, force=True)
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()

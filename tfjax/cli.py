@@ -1,4 +1,5 @@
-"""`python -m tfjax train|translate|evaluate|average|distill-data|precompile`: the command line.
+"""`python -m tfjax train|translate|evaluate|pipeline|average|distill-data|precompile`: the
+command line.
 
 Every command is parsed here, with argparse; the two that take a recipe (`train`,
 `precompile`) read `--config=FILE` plus `--config.KEY=VALUE` overrides through
@@ -9,6 +10,7 @@ non-zero; set TFJAX_TRACEBACK=1 to see the Python traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import logging as std_logging
 import os
 import sys
@@ -61,6 +63,27 @@ def _parser() -> argparse.ArgumentParser:
     restore_args(evaluate)
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--data_dir", default=None, help="where the data is now, if it moved")
+
+    pipe = commands.add_parser(
+        "pipeline",
+        help="run a task pipeline (fill-mask, text-classification, sentiment-analysis, "
+        "translation) over texts; prints one JSON result per text",
+    )
+    pipe.add_argument("task", help="fill-mask, text-classification, sentiment-analysis, ...")
+    pipe.add_argument("--workdir", required=True, help="a training workdir of that task")
+    pipe.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    pipe.add_argument("--best", action="store_true", help="the best checkpoint")
+    pipe.add_argument("--batch", type=int, default=32, help="texts per model call")
+    pipe.add_argument("sentences", nargs="*", help="texts; none: lines of --file or stdin")
+    pipe.add_argument("--file", default=None, help="the texts are the lines of this file")
+    pipe.add_argument(
+        "--top_k", type=int, default=None, help="fill-mask: 5; classification: 1 (0: all)"
+    )
+    pipe.add_argument("--targets", default=None, help="fill-mask: comma-separated candidates")
+    pipe.add_argument("--beam", type=int, default=1, help="translation: beam size")
+    pipe.add_argument(
+        "--show-probs", type=int, default=0, metavar="K", help="translation: top-K per step"
+    )
 
     average = commands.add_parser("average", help="average the last K checkpoints' parameters")
     average.add_argument("--workdir", required=True, help="a training workdir")
@@ -197,11 +220,35 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    texts, _ = _lines(args)  # a bad file fails before the checkpoint is restored
+    if not texts:
+        raise CommandError("no texts: give them as arguments, with --file, or on stdin")
+    from tfjax.pipelines import pipeline
+
+    pipe = pipeline(args.task, args.workdir, batch_size=args.batch, step=args.step, best=args.best)
+    options: dict = {}
+    if args.task == "fill-mask":
+        options = dict(top_k=args.top_k or 5)
+        if args.targets:
+            options["targets"] = args.targets.split(",")
+    elif args.task in ("text-classification", "sentiment-analysis"):
+        options = dict(top_k=None if args.top_k == 0 else (args.top_k or 1))
+    else:
+        options = dict(num_beams=args.beam, return_step_probs=bool(args.show_probs))
+        options["num_top"] = args.show_probs
+    for result in pipe(texts, **options):
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from tfjax import recipe
 
-    _, data = recipe.workdir_data(args.workdir, args.step, args.data_dir)
+    config, data = recipe.workdir_data(args.workdir, args.step, args.data_dir)
     source = data.source(args.split)
+    if recipe.encoder_only(config):
+        return _evaluate_encoder(args, config, source)
     result = _translator(args).evaluate(
         source, beam_size=args.beam, alpha=args.alpha, progress=True
     )
@@ -211,6 +258,37 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"exact match {result['exact_match']:.2f}%  perplexity {result['perplexity']:.2f}\n"
         f"sacreBLEU signature: {result['signature']}"
     )
+    return 0
+
+
+def _evaluate_encoder(args: argparse.Namespace, config, source) -> int:
+    """A classifier's accuracy and macro-F1, or a masked LM's masked-piece scores."""
+    from tfjax import checkpoint, evaluate, recipe
+    from tfjax.data import Tokenizer
+    from tfjax.masking import Masking
+
+    cfg, params, tokenizer_bytes, _ = checkpoint.restore_for_inference(
+        args.workdir, args.step, best=args.best
+    )
+    tokenizer = Tokenizer(tokenizer_bytes)
+    task = recipe.task(config)
+    masking = None
+    if task == "masked_lm":
+        masking = Masking(tokenizer.mask_id, tokenizer.vocab_size, rate=config.mask_rate)
+    result = evaluate.evaluate_encoder_split(
+        recipe.build_model(task, cfg),
+        params,
+        tokenizer,
+        source,
+        recipe.eval_options(config),
+        masking=masking,
+    )
+    scores = f"accuracy {100 * result['accuracy']:.2f}%"
+    if task == "classification":
+        scores += f"  macro-F1 {100 * result['macro_f1']:.2f}"
+    else:
+        scores = "masked-piece " + scores + f"  perplexity {result['perplexity']:.2f}"
+    print(f"{args.split}: {len(source)} texts  {scores}  nll {result['nll']:.4f}")
     return 0
 
 
@@ -241,6 +319,12 @@ def _average(args: argparse.Namespace) -> int:
 def _precompile(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """See tfjax.precompile. Exits 1 when a program does not fit a device's memory."""
     config = load_config(args.config, overrides)
+    from tfjax import recipe
+
+    if recipe.encoder_only(config):
+        # Its compile covers the encoder–decoder's train step and beam decoder only.
+        task = recipe.task(config)
+        raise CommandError(f"precompile takes translation recipes; task={task!r}", status=2)
     _simulated_devices(args.topology)
     from tfjax import precompile
 
@@ -318,6 +402,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "sentences", None) is not None and not any(x.startswith("-") for x in extra):
+        # argparse stops filling a positional list at the first option: `pipeline TASK
+        # --workdir DIR text...` leaves the texts over.
+        args.sentences, extra = [*args.sentences, *extra], []
     if extra and not (args.command in _RECIPE_COMMANDS and extra[0].startswith("--config.")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     quiet_library_logs()
@@ -326,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate": _evaluate,
         "average": _average,
         "distill-data": _distill_data,
+        "pipeline": _pipeline,
     }
     try:
         if args.command in _RECIPE_COMMANDS:

@@ -1,25 +1,29 @@
-"""Evaluate a split with a model's parameters: loss, translations, sacreBLEU, chrF, exact match.
+"""Evaluate a split with a model's parameters: loss, translations, sacreBLEU, chrF, exact match;
+for encoder-only models, masked-piece accuracy or class accuracy and macro-F1.
 
 The training loop, `Translator.evaluate` (and so `python -m tfjax evaluate`) and the quality
-benchmark all go through `evaluate_split`, so a split is truncated, batched and decoded the
-same way wherever it is scored.
+benchmark all go through `evaluate_split` (`evaluate_encoder_split`), so a split is
+truncated, batched and decoded the same way wherever it is scored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import sacrebleu
+from flax import linen as nn
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tfjax import generate, sharding, train_lib
 from tfjax.data import Tokenizer, eval_dataset
+from tfjax.masking import Masking
 from tfjax.model import Transformer
 
 Batch = dict[str, Any]  # eval_dataset's arrays [rows, ...], on the host or placed on a mesh
@@ -37,17 +41,24 @@ class EvalOptions:
 
 
 @functools.cache
-def _jitted_eval_step(model: Transformer):
+def _jitted_eval_step(model: nn.Module, masking: Masking | None = None):
     """One compiled eval step per model, reused by every evaluation."""
-    return jax.jit(functools.partial(train_lib.eval_step, model=model))
+    return jax.jit(functools.partial(train_lib.eval_step, model=model, masking=masking))
 
 
-def _loss(model: Transformer, params: Any, batches: Iterable[Batch]) -> dict[str, float]:
-    """Per-token nll, perplexity and accuracy over eval batches (padding rows weigh 0)."""
-    eval_step = _jitted_eval_step(model)
+def _loss(
+    model: nn.Module, params: Any, batches: Iterable[Batch], masking: Masking | None = None
+) -> dict[str, float]:
+    """Per-token nll, perplexity and accuracy over eval batches (padding rows weigh 0).
+
+    With `masking`, batch i masks with key fold_in(key(0), i): the same pieces every time.
+    """
+    eval_step = _jitted_eval_step(model, masking)
     totals = {"nll": 0.0, "tokens": 0.0, "correct": 0.0}
-    for batch in batches:
-        m = generate.to_host(eval_step(params, {k: v for k, v in batch.items() if k != "index"}))
+    for i, batch in enumerate(batches):
+        rng = jax.random.fold_in(jax.random.key(0), i)
+        arrays = {k: v for k, v in batch.items() if k != "index"}
+        m = generate.to_host(eval_step(params, arrays, rng))
         totals = {k: totals[k] + float(m[k]) for k in totals}
     tokens = max(totals["tokens"], 1.0)
     return {
@@ -153,3 +164,88 @@ def scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, An
         exact_match=float(exact) * 100,
         signature=str(bleu.get_signature()),
     )
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1, -2, -L and -Lsum F1 (x100), the mean over examples, as the summarization
+    literature reports it: Google's rouge-score with its Porter stemmer. ROUGE-Lsum takes
+    the union LCS over sentences, here split after ".", "!" or "?" (nltk's punkt, which
+    Hugging Face's scripts use, needs a download)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for hypothesis, reference in zip(hypotheses, references, strict=True):
+        split = ["\n".join(_SENTENCE_END.split(x.strip())) for x in (reference, hypothesis)]
+        for name, score in scorer.score(*split).items():
+            totals[name] += score.fmeasure
+    count = max(len(hypotheses), 1)
+    return {name: 100 * total / count for name, total in totals.items()}
+
+
+def evaluate_encoder_split(
+    model: nn.Module,
+    params: Any,
+    tokenizer: Tokenizer,
+    source: Sequence[dict[str, Any]],
+    options: EvalOptions,
+    *,
+    masking: Masking | None = None,
+    mesh: Mesh | None = None,
+) -> dict[str, Any]:
+    """An encoder-only model on every example of `source`.
+
+    A Classifier ({"source", "label"} examples): nll, accuracy and macro-F1 (fractions, as the
+    translation's token accuracy). A MaskedLM
+    (`masking` given; {"source"} examples): nll, perplexity and accuracy of the masked pieces,
+    on masks fixed per batch. `mesh` as in `evaluate_split`.
+    """
+    shard = {} if mesh else dict(process_index=0, process_count=1)
+    batches = eval_dataset(
+        source,
+        tokenizer,
+        batch_size=options.batch_size,
+        max_source_len=options.max_source_len,
+        max_target_len=0,
+        encoder_only=True,
+        **shard,
+    )
+    if mesh is not None:
+        batches = batches.map(functools.partial(sharding.place_batch, mesh=mesh))
+    result = _loss(model, params, batches, masking)
+    if masking is None:
+        labels, predicted = _classify(model, params, batches)
+        result.update(accuracy=float(np.mean(labels == predicted)))
+        result.update(macro_f1=macro_f1(labels, predicted, model.config.num_labels))
+    return result
+
+
+@functools.cache
+def _jitted_classify(model: nn.Module):
+    return jax.jit(lambda params, inputs: jax.numpy.argmax(model.apply(params, inputs), -1))
+
+
+def _classify(model: nn.Module, params: Any, batches: Iterable[Batch]) -> tuple[np.ndarray, ...]:
+    """(labels, predicted classes) of every real example, in split order."""
+    classify = _jitted_classify(model)
+    found: dict[int, tuple[int, int]] = {}
+    for batch in batches:
+        predicted = generate.to_host(classify({"params": params}, batch["inputs"]))
+        rows = zip(*generate.to_host((batch["index"], batch["label"])), predicted, strict=True)
+        found.update({int(i): (int(y), int(p)) for i, y, p in rows if i >= 0})
+    pairs = np.array([found[i] for i in sorted(found)]).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_labels: int) -> float:
+    """The unweighted mean over classes of F1; a class never seen nor predicted counts 0."""
+    scores = []
+    for c in range(num_labels):
+        tp = np.sum((predicted == c) & (labels == c))
+        denominator = np.sum(predicted == c) + np.sum(labels == c)
+        scores.append(2 * tp / denominator if denominator else 0.0)
+    return float(np.mean(scores))

@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from etils import epath
+from flax import linen as nn
 
 from tfjax import checkpoint, train_lib
-from tfjax.data import PAD_ID, PipelineOptions, TranslationData, prepare
+from tfjax.data import PAD_ID, PipelineOptions, TaskData, TranslationData, prepare, prepare_task
 from tfjax.evaluate import EvalOptions
-from tfjax.model import TransformerConfig, preset
+from tfjax.model import Classifier, MaskedLM, Transformer, TransformerConfig, preset
 from tfjax.scheduled_sampling import ScheduledSampling
 
 
@@ -28,6 +29,8 @@ class ConfigError(ValueError):
 
 # pad, unk, bos and eos, sentencepiece's 256 byte-fallback pieces, and at least one more.
 MIN_VOCAB_SIZE = 4 + 256 + 1
+# Task -> the kind of `prepare_task` folder it reads (translation reads parallel text).
+TASKS = {"translation": None, "masked_lm": "text", "classification": "tsv"}
 _DROPOUTS = ("dropout_rate", "attention_dropout_rate", "activation_dropout_rate")
 # (keys, test, what the test asks) for the values that `validate` checks one by one.
 _RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
@@ -44,6 +47,7 @@ _RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     ),
     (("accum_steps", "eval_beam_size"), lambda v: v >= 1, ">= 1"),
     (("label_smoothing",), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("mask_rate",), lambda v: 0 < v < 1, "in (0, 1)"),
     (
         ("vocab_size",),
         lambda v: v >= MIN_VOCAB_SIZE,
@@ -87,16 +91,54 @@ def validate(config: ml_collections.ConfigDict) -> None:
             for key in ("max_source_len", "max_target_len")
             if config[key] > model.max_len
         ]
+    problems += _task_problems(config)
     if problems:
         raise ConfigError(f"{len(problems)} bad config value(s): " + "; ".join(problems))
 
 
-def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
-    """config.model (a preset name plus overrides) and config.vocab_size -> TransformerConfig."""
+def task(config: ml_collections.ConfigDict) -> str:
+    """The config's task; configs written before encoder-only tasks are translation."""
+    return config.task if "task" in config else "translation"
+
+
+def encoder_only(config: ml_collections.ConfigDict) -> bool:
+    return task(config) != "translation"
+
+
+def _task_problems(config: ml_collections.ConfigDict) -> list[str]:
+    name = task(config)
+    if name not in TASKS:
+        return [f"task={name!r} must be one of {list(TASKS)}"]
+    problems = []
+    if name == "classification" and config.pack:
+        problems.append("task='classification' needs pack=False (one example per row)")
+    if config.get("init_from") and name != "classification":
+        problems.append("init_from (a masked-LM workdir) is for task='classification'")
+    if encoder_only(config) and config.dataset != "folder":
+        problems.append(f"task={name!r} reads dataset='folder' (data_dir: a folder of files)")
+    if encoder_only(config) and config.distill.teacher_workdir:
+        problems.append("distillation is for translation")
+    return problems
+
+
+def model_config(config: ml_collections.ConfigDict, num_labels: int = 0) -> TransformerConfig:
+    """config.model (a preset name plus overrides) and config.vocab_size -> TransformerConfig.
+
+    num_labels: a classifier's classes, known once its data is prepared.
+    """
     fields = dict(config.model)
     name = fields.pop("preset")
     dtype = jnp.dtype(fields.pop("dtype"))
+    if num_labels:
+        fields["num_labels"] = num_labels
     return preset(name, vocab_size=config.vocab_size, dtype=dtype, pad_id=PAD_ID, **fields)
+
+
+def build_model(task_name: str, model_cfg: TransformerConfig) -> nn.Module:
+    """The module a task trains: Transformer, MaskedLM or Classifier."""
+    return {"translation": Transformer, "masked_lm": MaskedLM, "classification": Classifier}[
+        task_name
+    ](model_cfg)
 
 
 def sampling_config(config: ml_collections.ConfigDict) -> ScheduledSampling | None:
@@ -134,6 +176,10 @@ def pipeline_options(config: ml_collections.ConfigDict) -> PipelineOptions:
         max_target_len=config.max_target_len,
         pack=config.pack,
         seed=config.seed,
+        encoder_only=encoder_only(config),
+        # Long texts keep their start rather than being dropped: a classifier's example
+        # count and label balance stay those of the file.
+        truncate=encoder_only(config),
     )
 
 
@@ -148,14 +194,22 @@ def eval_options(config: ml_collections.ConfigDict) -> EvalOptions:
     )
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> TranslationData:
+def prepare_data(
+    config: ml_collections.ConfigDict, workdir: epath.Path
+) -> TranslationData | TaskData:
     """The dataset a config names, in its direction.
 
     "synthetic" and "folder" (the text files in config.data_dir) are built as array_record
     TFDS datasets under <workdir>/data; a TFDS name is read from config.data_dir (TFDS's
-    default data directory when empty).
+    default data directory when empty). Encoder-only tasks read a folder of TSV files
+    (classification) or plain text files (masked LM), see `tfjax.data.task_folders`.
     """
     built = str(workdir / "data")
+    kind = TASKS.get(task(config))
+    if kind:
+        if not config.data_dir:
+            raise ConfigError(f"task={task(config)!r} needs --config.data_dir=<folder>")
+        return prepare_task(config.data_dir, kind, built)
     common = dict(source_lang=config.source_lang, target_lang=config.target_lang)
     if config.dataset == "folder":
         if not config.data_dir:
@@ -166,9 +220,21 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> Tran
     return prepare(config.dataset, data_dir=config.data_dir or None, **common)
 
 
+def label_names(config: ml_collections.ConfigDict, data: TaskData) -> tuple[str, ...]:
+    """A classifier's label names: config.label_names (display names in the order of the
+    data's labels) when set, else the labels as the data spells them."""
+    names = tuple(config.get("label_names", ()))
+    if names and len(names) != len(data.label_names):
+        raise ConfigError(
+            f"label_names={names} names {len(names)} labels; the data has "
+            f"{len(data.label_names)}: {list(data.label_names)}"
+        )
+    return names or data.label_names
+
+
 def workdir_data(
     workdir: str, step: int | None = None, data_dir: str | None = None
-) -> tuple[ml_collections.ConfigDict, TranslationData]:
+) -> tuple[ml_collections.ConfigDict, TranslationData | TaskData]:
     """A trained workdir's config (from its checkpoint's meta) and its dataset.
 
     `data_dir` says where the corpus is now, if it moved since training.

@@ -15,14 +15,17 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tfjax import distill as distill_lib
+from tfjax import masking as masking_lib
 from tfjax import scheduled_sampling, sharding
 from tfjax.distill import Distillation
+from tfjax.masking import Masking
 from tfjax.model import Transformer
 from tfjax.scheduled_sampling import ScheduledSampling
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 _SAMPLING_STREAM = 1 << 20  # fold_in data for scheduled sampling's randomness
+_MASKING_STREAM = 1 << 21  # fold_in data for the masked-LM corruption
 
 
 @flax.struct.dataclass
@@ -43,6 +46,7 @@ class StepOptions:
     learning_rate: optax.Schedule | None = None  # reported in the metrics when given
     sampling: ScheduledSampling | None = None  # scheduled sampling at p(step); None: off
     distill: Distillation | None = None  # distil from this teacher; None: off
+    masking: Masking | None = None  # masked-LM pretraining (a MaskedLM model); None: off
 
 
 def rsqrt_schedule(peak: float, warmup_steps: int) -> optax.Schedule:
@@ -156,7 +160,11 @@ def cross_entropy(
 
 
 def model_inputs(batch: Batch) -> dict[str, jax.Array]:
-    """The batch contract's keys -> Transformer.__call__ keyword arguments."""
+    """The batch contract's keys -> the model's keyword arguments: Transformer.__call__'s, or
+    an encoder-only model's (inputs, plus segment ids and positions when packed)."""
+    if "decoder_inputs" not in batch:
+        keys = ("inputs", "inputs_segment_ids", "inputs_positions")
+        return {k: batch[k] for k in keys if k in batch}
     keys = ("inputs_segment_ids", "inputs_positions", "targets_segment_ids", "targets_positions")
     return dict(
         inputs=batch["inputs"],
@@ -200,7 +208,13 @@ def _loss_sums(
     With `options.sampling`, the loss is taken on the second pass of scheduled sampling;
     with `options.distill`, it mixes in the teacher's (see `tfjax.distill`). The metrics'
     loss is the optimised one; nll stays the student's plain negative log-likelihood.
+    Encoder-only tasks: a batch with "label" trains a Classifier (one "token" per example),
+    `options.masking` a MaskedLM (the tokens are the predicted pieces).
     """
+    if "label" in batch:
+        return _classifier_sums(params, batch, rng, model, options.label_smoothing)
+    if options.masking is not None:
+        return _masked_lm_sums(params, batch, rng, model, options)
     inputs = model_inputs(batch)
     if options.sampling is not None:
         # Its own stream: dropout keeps `rng`, so p(step) = 0 reproduces teacher forcing.
@@ -215,6 +229,58 @@ def _loss_sums(
         loss = distill_lib.loss_sum(options.distill, logits, teacher, loss, weights)
     metrics = dict(loss=loss, nll=jnp.sum(nlls * weights), tokens=jnp.sum(weights))
     return loss, metrics | dict(correct=jnp.sum(hits * weights))
+
+
+def _sums(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, label_smoothing: float
+) -> tuple[jax.Array, Metrics]:
+    """logits [B, T, V], targets [B, T], weights [B, T] -> (loss sum, metric sums)."""
+    losses, nlls, hits = token_scores(logits, targets, label_smoothing)
+    loss = jnp.sum(losses * weights)
+    return loss, dict(
+        loss=loss,
+        nll=jnp.sum(nlls * weights),
+        tokens=jnp.sum(weights),
+        correct=jnp.sum(hits * weights),
+    )
+
+
+def _classifier_sums(
+    params: Any, batch: Batch, rng: jax.Array | None, model: nn.Module, label_smoothing: float
+) -> tuple[jax.Array, Metrics]:
+    """Cross-entropy of the class logits [B, C] against batch["label"] [B] (-1: padding row)."""
+    train = rng is not None
+    logits = model.apply(
+        {"params": params}, batch["inputs"], deterministic=not train,
+        rngs={"dropout": rng} if train else None,
+    )  # fmt: skip
+    labels = batch["label"][:, None]  # [B, 1]: one "token" per example
+    weights = (labels >= 0).astype(jnp.float32)
+    return _sums(logits[:, None], jnp.maximum(labels, 0), weights, label_smoothing)
+
+
+def _masked_lm_sums(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    model: nn.Module,
+    options: StepOptions,
+    deterministic: bool = False,
+) -> tuple[jax.Array, Metrics]:
+    """Loss on the pieces `masking.mask_tokens` selects, predicted from the corrupted rows."""
+    mask_rng = jax.random.fold_in(rng, _MASKING_STREAM)
+    corrupted, positions, targets, weights = masking_lib.mask_tokens(
+        mask_rng, batch["inputs"], options.masking
+    )
+    inputs = model_inputs(batch) | dict(inputs=corrupted)
+    logits = model.apply(
+        {"params": params},
+        **inputs,
+        predict_positions=positions,
+        deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng},
+    )  # fmt: skip  [B, P, V]
+    return _sums(logits, targets, weights, options.label_smoothing)
 
 
 def _gradients(
@@ -282,8 +348,26 @@ def train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: Transformer) -> Metrics:
-    """Sums of the unsmoothed loss, correct tokens and tokens on one batch."""
+def eval_step(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array | None = None,
+    *,
+    model: nn.Module,
+    masking: Masking | None = None,
+) -> Metrics:
+    """Sums of the unsmoothed loss, correct tokens and tokens on one batch.
+
+    Classification counts examples; with `masking` (a MaskedLM), `rng` picks the pieces to
+    predict, so a fixed key per batch scores every evaluation on the same masks.
+    """
+    if "label" in batch:
+        _, metrics = _classifier_sums(params, batch, None, model, 0.0)
+        return {k: metrics[k] for k in ("nll", "tokens", "correct")}
+    if masking is not None:
+        options = StepOptions(masking=masking)
+        _, metrics = _masked_lm_sums(params, batch, rng, model, options, deterministic=True)
+        return {k: metrics[k] for k in ("nll", "tokens", "correct")}
     logits = model.apply({"params": params}, **model_inputs(batch))
     weights = (batch["targets"] != model.config.pad_id).astype(jnp.float32)
     _, nlls, hits = token_scores(logits, batch["targets"])

@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from tfjax import checkpoint, evaluate, recipe, sharding, train_lib
 from tfjax.data import (
+    MASK_PIECE,
+    TaskData,
     Tokenizer,
     TranslationData,
     load_or_train_tokenizer,
@@ -28,7 +30,9 @@ from tfjax.data import (
     train_dataset,
 )
 from tfjax.distill import Distillation
+from tfjax.masking import Masking
 from tfjax.model import Transformer
+from tfjax.model.encoder_only import load_encoder
 
 
 class TrainingError(RuntimeError):
@@ -54,6 +58,24 @@ def _restore_teacher(
         (workdir / "spm.model").write_bytes(tokenizer_bytes)
     distill = Distillation(Transformer(teacher_cfg), values.alpha, values.temperature)
     return distill, jax.device_get(params)
+
+
+def _restore_encoder(config: ml_collections.ConfigDict, workdir: epath.Path) -> Any | None:
+    """The params of config.init_from (a masked-LM workdir) on the host, or None.
+
+    The classifier must read the pieces its encoder was trained on, so that workdir's
+    tokenizer becomes this one's spm.model (kept if already there, as on a resumed run).
+    """
+    if not config.get("init_from"):
+        return None
+    cfg, params, tokenizer_bytes, meta = checkpoint.restore_for_inference(config.init_from)
+    if recipe.task(ml_collections.ConfigDict(meta["train"])) != "masked_lm":
+        raise TrainingError(f"init_from={config.init_from} is not a masked_lm workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "spm.model").exists():
+        (workdir / "spm.model").write_bytes(tokenizer_bytes)
+    logging.info("Starting the encoder from %s (vocab %d)", config.init_from, cfg.vocab_size)
+    return jax.device_get(params)
 
 
 def _with_teacher(run: Run, step_fn, distill: Distillation, params: Any):
@@ -83,9 +105,10 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: epath.Path
-    data: TranslationData
+    data: TranslationData | TaskData
     tokenizer: Tokenizer
-    model: Transformer
+    model: Any  # recipe.build_model's: Transformer, MaskedLM or Classifier
+    masking: Masking | None  # the masked-LM corruption; None for the other tasks
     mesh: Any
     train_iter: Any
     checkpointer: checkpoint.Checkpointer
@@ -99,17 +122,27 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     _check_workdir(root)
     options = recipe.pipeline_options(config)
     data = recipe.prepare_data(config, root)
+    task = recipe.task(config)
     tokenizer = load_or_train_tokenizer(
-        root / "spm.model", data.source("train"), vocab_size=config.vocab_size
+        root / "spm.model",
+        data.source("train"),
+        vocab_size=config.vocab_size,
+        user_symbols=(MASK_PIECE,) if recipe.encoder_only(config) else (),
     )
-    model_cfg = recipe.model_config(config)
-    meta = {"model": checkpoint.config_to_json(model_cfg), "train": config.to_dict()}
+    labels = recipe.label_names(config, data) if task == "classification" else ()
+    model_cfg = recipe.model_config(config, num_labels=len(labels))
+    meta = {
+        "model": checkpoint.config_to_json(model_cfg),
+        "train": config.to_dict(),
+        "labels": list(labels),
+    }
     return Run(
         config=config,
         workdir=root,
         data=data,
         tokenizer=tokenizer,
-        model=Transformer(model_cfg),
+        model=recipe.build_model(task, model_cfg),
+        masking=_masking(config, tokenizer),
         mesh=sharding.make_mesh(tuple(config.mesh)),
         train_iter=iter(train_dataset(data.source("train"), tokenizer, options)),
         checkpointer=checkpoint.Checkpointer(root, keep=config.keep_checkpoints),
@@ -117,10 +150,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     )
 
 
+def _masking(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Masking | None:
+    if recipe.task(config) != "masked_lm":
+        return None
+    if tokenizer.mask_id is None:
+        raise TrainingError(f"the tokenizer has no {MASK_PIECE} piece; use a new workdir")
+    return Masking(tokenizer.mask_id, tokenizer.vocab_size, rate=config.mask_rate)
+
+
 def _example_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """Zeros shaped like one per-process batch, for tracing the model's init."""
     rows = config.batch_size // jax.process_count()
-    shapes = train_batch_shapes(rows, config.max_source_len, config.max_target_len, config.pack)
+    shapes = train_batch_shapes(
+        rows,
+        config.max_source_len,
+        config.max_target_len,
+        config.pack,
+        encoder_only=recipe.encoder_only(config),
+        labels=recipe.task(config) == "classification",
+    )
     return {k: np.zeros(shape, np.int32) for k, shape in shapes.items()}
 
 
@@ -142,14 +190,26 @@ def _check_resumable(run: Run) -> None:
         )
 
 
-def create_or_restore(run: Run, optimizer) -> tuple[train_lib.TrainState, Any]:
-    """A fresh sharded state, or the latest checkpoint restored straight into its shardings."""
+def create_or_restore(
+    run: Run, optimizer, encoder_params: Any = None
+) -> tuple[train_lib.TrainState, Any]:
+    """A fresh sharded state (its encoder from `encoder_params` when given), or the latest
+    checkpoint restored straight into its shardings."""
     _check_resumable(run)
     example = _example_batch(run.config)
     step = run.checkpointer.latest_step()
     if step is None:
         rng = jax.random.key(run.config.seed)
-        return train_lib.create_train_state(rng, run.model, optimizer, example, run.mesh)
+        state, shardings = train_lib.create_train_state(
+            rng, run.model, optimizer, example, run.mesh
+        )
+        if encoder_params is not None:
+            try:
+                params = load_encoder(jax.device_get(state.params), encoder_params)
+            except ValueError as e:
+                raise TrainingError(f"init_from={run.config.init_from}: {e}") from e
+            state = state.replace(params=jax.device_put(params, shardings.params))
+        return state, shardings
     abstract, shardings = train_lib.abstract_train_state(run.model, optimizer, example, run.mesh)
     state = run.checkpointer.restore(abstract, run.train_iter, step)
     logging.info("Resumed from step %d in %s", step, run.workdir)
@@ -232,6 +292,16 @@ def _evaluate(run: Run, params: Any, split: str, decode_sentences: int | None) -
     """Loss on `split`, and the scores of its first `decode_sentences` (None: all) decoded."""
     options = recipe.eval_options(run.config)
     source = run.data.source(split)
+    if recipe.encoder_only(run.config):
+        return evaluate.evaluate_encoder_split(
+            run.model,
+            params,
+            run.tokenizer,
+            source,
+            options,
+            masking=run.masking,
+            mesh=run.mesh,
+        )
     return evaluate.evaluate_split(
         run.model,
         params,
@@ -250,11 +320,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # checks again for callers that start there.
     recipe.validate(config)
     teacher = _restore_teacher(config, epath.Path(workdir))
+    encoder_params = _restore_encoder(config, epath.Path(workdir))
     run = setup(config, workdir)
     optimizer, options = recipe.train_step_options(config)
+    options = dataclasses.replace(options, masking=run.masking)
     if teacher:
         options = dataclasses.replace(options, distill=teacher[0])
-    state, shardings = create_or_restore(run, optimizer)
+    state, shardings = create_or_restore(run, optimizer, encoder_params)
     step_fn = train_lib.JittedTrainStep(run.model, optimizer, shardings, run.mesh, options)
     if teacher:
         step_fn = _with_teacher(run, step_fn, *teacher)
@@ -264,9 +336,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         run.checkpointer.close()
 
 
-def _save(run: Run, state: Any, step: int, bleu: float | None = None) -> None:
+def _save(run: Run, state: Any, step: int, score: float | None = None) -> None:
     run.checkpointer.save(
-        step, state, run.train_iter, run.meta, run.tokenizer.model_proto, bleu=bleu
+        step, state, run.train_iter, run.meta, run.tokenizer.model_proto, score=score
     )
     # Orbax finishes the previous async save before starting this one, so by this line every
     # earlier checkpoint is committed.
@@ -320,16 +392,17 @@ def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
                     tok_s=f"{summary['tokens_per_second']:.0f}",
                 )
                 writer.write(step, "train", summary)
-            bleu = None
+            score = None
             if step % config.eval_every == 0 or step == config.num_train_steps:
                 result = _evaluate(
                     run, state.params, config.eval_split, config.eval_decode_sentences
                 )
                 logging.info("step %d %s: %s", step, config.eval_split, result)
                 writer.write(step, config.eval_split, result)
-                bleu = result.get("bleu")
-            if checkpoint_due or bleu is not None:
-                _save(run, state, step, bleu)
+                # The best checkpoint: by BLEU, or accuracy for encoder-only tasks.
+                score = result.get("bleu", result["accuracy"])
+            if checkpoint_due or score is not None:
+                _save(run, state, step, score)
                 last_good = step
             if preemption.due(step):
                 if last_good != step:
@@ -349,6 +422,20 @@ def _final(run: Run, params: Any) -> dict[str, Any]:
     """Score the final model on config.test_split (every sentence decoded) and print it."""
     config = run.config
     result = _evaluate(run, params, config.test_split, decode_sentences=None)
+    if recipe.task(config) == "classification":
+        print(
+            f"{config.test_split}: accuracy {100 * result['accuracy']:.2f}%  "
+            f"macro-F1 {100 * result['macro_f1']:.2f}  nll {result['nll']:.4f}",
+            flush=True,
+        )
+        return result
+    if recipe.task(config) == "masked_lm":
+        print(
+            f"{config.test_split}: masked-piece accuracy {100 * result['accuracy']:.2f}%  "
+            f"perplexity {result['perplexity']:.2f}",
+            flush=True,
+        )
+        return result
     print(
         f"{config.test_split}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  "
         f"exact match {result['exact_match']:.2f}%  ({result['signature']})",

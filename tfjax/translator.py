@@ -36,12 +36,12 @@ class Translation:
     alternatives: list[list[tuple[str, float]]]  # per step: top-k (piece, probability)
 
 
-def _bucket(n: int, limit: int) -> int:
+def bucket(n: int, limit: int) -> int:
     """The smallest power of two >= n, capped at limit."""
     return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
-def _padded(ids: Sequence[np.ndarray], rows: int, limit: int) -> np.ndarray:
+def padded(ids: Sequence[np.ndarray], rows: int, limit: int) -> np.ndarray:
     """Token rows -> int32 [rows, length], pad after each, length a multiple of
     LENGTH_BUCKET (at most `limit`) that holds the longest row."""
     longest = max(len(x) for x in ids)
@@ -112,8 +112,8 @@ class Translator:
         """Yields (row indices, inputs [bucketed batch, bucketed length])."""
         for start in range(0, len(ids), self.max_batch):
             chunk = ids[start : start + self.max_batch]
-            rows = _bucket(len(chunk), self.max_batch)
-            yield range(start, start + len(chunk)), _padded(chunk, rows, self.max_source_len)
+            rows = bucket(len(chunk), self.max_batch)
+            yield range(start, start + len(chunk)), padded(chunk, rows, self.max_source_len)
 
     def translate_stream(
         self,
@@ -234,7 +234,7 @@ class Translator:
         results = []
         for rows, inputs in self._batches(source_ids):
             chunk = [target_ids[r] for r in rows]
-            tgt = _padded(chunk, inputs.shape[0], self.max_decode_len)
+            tgt = padded(chunk, inputs.shape[0], self.max_decode_len)
             log_probs = np.asarray(
                 generate.score(self.model, self.params, inputs, tgt, generate.translation_spec())
             )

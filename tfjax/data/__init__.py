@@ -1,4 +1,4 @@
-"""Translation data: TFDS sources, the synthetic task, the tokenizer and grain pipelines."""
+"""Data: TFDS sources (translation, task folders, the synthetic task), tokenizer, grain."""
 
 from tfjax.data.folder import CorpusError, build_folder, find_splits, read_parallel
 from tfjax.data.pipeline import PipelineOptions, eval_dataset, train_batch_shapes, train_dataset
@@ -10,9 +10,11 @@ from tfjax.data.sources import (
     prepare,
 )
 from tfjax.data.synthetic import build_synthetic
+from tfjax.data.task_folders import TaskData, TaskSource, prepare_task
 from tfjax.data.tokenizer import (
     BOS_ID,
     EOS_ID,
+    MASK_PIECE,
     PAD_ID,
     UNK_ID,
     Tokenizer,
@@ -23,8 +25,11 @@ from tfjax.data.tokenizer import (
 __all__ = [
     "BOS_ID",
     "EOS_ID",
+    "MASK_PIECE",
     "PAD_ID",
     "SYNTHETIC",
+    "TaskData",
+    "TaskSource",
     "UNK_ID",
     "CorpusError",
     "DatasetNotPreparedError",
@@ -38,6 +43,7 @@ __all__ = [
     "find_splits",
     "load_or_train_tokenizer",
     "prepare",
+    "prepare_task",
     "read_parallel",
     "train_batch_shapes",
     "train_dataset",

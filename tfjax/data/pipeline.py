@@ -9,8 +9,11 @@ Packed training batches (pack=True) hold several examples per row and add
   inputs_segment_ids, inputs_positions    [batch, max_source_len]
   targets_segment_ids, targets_positions  [batch, max_target_len]
 with segment ids 1, 2, ... in each row (0 on padding) and positions restarting at 0 in each
-segment; the targets_* arrays also describe decoder_inputs. Evaluation batches are unpacked
-and add
+segment; the targets_* arrays also describe decoder_inputs. Encoder-only tasks
+(`encoder_only=True`, sources of {"source"[, "label"]} examples) have no targets:
+  inputs          [batch, max_source_len]  bos (the classifier's [CLS]), the text's ids, eos
+  label           [batch]                  the class index, -1 on padding rows (classification)
+Evaluation batches are unpacked and add
   index  [batch]  the example's position in the split, -1 on the padding rows that fill the
                   last batch (so `index >= 0` is the mask of real examples).
 
@@ -49,21 +52,40 @@ class PipelineOptions:
     process_index: int | None = None  # this process's shard; None: jax.process_index()
     process_count: int | None = None  # number of shards; None: jax.process_count()
     read_threads: int = 2  # threads that read and tokenize chunks of examples ahead
+    encoder_only: bool = False  # inputs (and labels) only; max_target_len is unused
+
+    @property
+    def lengths(self) -> dict[str, int]:
+        """Row length per array the examples are cut or packed to."""
+        return _lengths(self.max_source_len, self.max_target_len, self.encoder_only)
+
+
+def _lengths(max_source_len: int, max_target_len: int, encoder_only: bool) -> dict[str, int]:
+    if encoder_only:
+        return {"inputs": max_source_len}
+    return {"inputs": max_source_len, "targets": max_target_len}
 
 
 def train_batch_shapes(
-    rows: int, max_source_len: int, max_target_len: int, pack: bool
-) -> dict[str, tuple[int, int]]:
+    rows: int,
+    max_source_len: int,
+    max_target_len: int,
+    pack: bool,
+    *,
+    encoder_only: bool = False,
+    labels: bool = False,
+) -> dict[str, tuple[int, ...]]:
     """The shape of each (int32) array of a `train_dataset` batch of `rows` rows."""
     source, target = (rows, max_source_len), (rows, max_target_len)
-    shapes = dict(inputs=source, targets=target, decoder_inputs=target)
+    shapes: dict[str, tuple[int, ...]] = dict(inputs=source)
+    if not encoder_only:
+        shapes.update(targets=target, decoder_inputs=target)
     if pack:
-        shapes.update(
-            inputs_segment_ids=source,
-            inputs_positions=source,
-            targets_segment_ids=target,
-            targets_positions=target,
-        )
+        shapes.update(inputs_segment_ids=source, inputs_positions=source)
+        if not encoder_only:
+            shapes.update(targets_segment_ids=target, targets_positions=target)
+    if labels:
+        shapes["label"] = (rows,)
     return shapes
 
 
@@ -88,9 +110,9 @@ def train_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
     )
     ds = grain.experimental.FlatMapIterDataset(ds, _Unchunk())
-    limit = LengthLimit(options.max_source_len, options.max_target_len)
+    lengths = options.lengths
+    limit = LengthLimit(lengths)
     ds = ds.map(limit.truncate) if options.truncate else ds.filter(limit.fits)
-    lengths = {"inputs": options.max_source_len, "targets": options.max_target_len}
     if options.pack:
         ds = grain.experimental.FirstFitPackIterDataset(
             ds, length_struct=lengths, num_packing_bins=options.batch_size, seed=options.seed
@@ -112,12 +134,14 @@ def eval_dataset(
     max_target_len: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    encoder_only: bool = False,
 ) -> grain.MapDataset:
     """One pass over this process's shard of `source`, in order, unpacked; `len()` batches.
 
     No example is lost: the last batch is filled with padding rows (index -1), over-long
     examples are truncated (counted and logged), and every process gets the same number of
-    batches, so multi-host evaluation steps stay in lockstep.
+    batches, so multi-host evaluation steps stay in lockstep. `encoder_only`: as in
+    `PipelineOptions` (max_target_len is then unused).
     """
     index, count = _process(process_index, process_count)
     rows_per_process = -(-len(source) // count)  # ceil
@@ -125,7 +149,7 @@ def eval_dataset(
     # Row i holds example index + i * count of the split; -1 marks padding past the end.
     indices = np.arange(num_rows) * count + index
     indices[indices >= len(source)] = -1
-    lengths = {"inputs": max_source_len, "targets": max_target_len}
+    lengths = _lengths(max_source_len, max_target_len, encoder_only)
     ds = grain.MapDataset.source(indices).batch(batch_size)
     ds = ds.map(_EvalBatch(source, tokenizer, lengths))
     return ds.map(_add_decoder_inputs)
@@ -160,7 +184,7 @@ class _EvalBatch:
         self.source = source
         self.tokenizer = tokenizer
         self.lengths = lengths
-        self.limit = LengthLimit(lengths["inputs"], lengths["targets"])
+        self.limit = LengthLimit(lengths)
 
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         real = indices[indices >= 0].tolist()  # Padding rows only ever trail the real ones.
@@ -173,14 +197,25 @@ class _EvalBatch:
 def _read_and_tokenize(
     source: Sequence[dict[str, str]], tokenizer: Tokenizer, indices: list[int]
 ) -> list[dict[str, np.ndarray]]:
-    """Examples at `indices` -> [{"inputs": [S'], "targets": [T']}] ids ending with eos."""
+    """Examples at `indices` -> [{"inputs": [S'], "targets": [T']}] ids ending with eos, or
+    for encoder-only examples (no "target") [{"inputs": [S'] bos first[, "label": int]}]."""
     if hasattr(source, "__getitems__"):
         examples = source.__getitems__(indices)
     else:
         examples = [source[i] for i in indices]
     inputs = tokenizer.encode_batch([example["source"] for example in examples])
+    if examples and "target" not in examples[0]:
+        return [_encoder_example(ids, e) for ids, e in zip(inputs, examples, strict=True)]
     targets = tokenizer.encode_batch([example["target"] for example in examples])
     return [{"inputs": i, "targets": t} for i, t in zip(inputs, targets, strict=True)]
+
+
+def _encoder_example(ids: np.ndarray, example: dict) -> dict[str, np.ndarray]:
+    """Text ids [S'] (eos last) -> inputs [S' + 1] with bos first, and the label if any."""
+    out = {"inputs": np.concatenate([[BOS_ID], ids]).astype(np.int32)}
+    if "label" in example:
+        out["label"] = np.int32(example["label"])
+    return out
 
 
 class LengthLimit:
@@ -190,8 +225,8 @@ class LengthLimit:
     the count without flooding the log. `seen` and `over` hold the counts in this process.
     """
 
-    def __init__(self, max_source_len: int, max_target_len: int):
-        self.lengths = {"inputs": max_source_len, "targets": max_target_len}
+    def __init__(self, lengths: dict[str, int]):
+        self.lengths = dict(lengths)  # row length per array, e.g. {"inputs": S, "targets": T}
         self.seen = 0
         self.over = 0
 
@@ -203,12 +238,11 @@ class LengthLimit:
         """Cuts each side to its row length, keeping the final eos."""
         if not self._count(example, "Truncated"):
             return example
-        cut = {}
-        for key, ids in example.items():
-            limit = self.lengths[key]
-            cut[key] = (
-                np.append(ids[: limit - 1], EOS_ID).astype(np.int32) if len(ids) > limit else ids
-            )
+        cut = dict(example)
+        for key, limit in self.lengths.items():
+            ids = example[key]
+            if len(ids) > limit:
+                cut[key] = np.append(ids[: limit - 1], EOS_ID).astype(np.int32)
         return cut
 
     def _count(self, example: dict[str, np.ndarray], action: str) -> bool:
@@ -218,14 +252,13 @@ class LengthLimit:
             return False
         self.over += 1
         if self.over & (self.over - 1) == 0:
+            limits = " or ".join(f"{key} longer than {n}" for key, n in self.lengths.items())
             logging.warning(
-                "%s %d of %d examples so far: inputs longer than %d or targets longer than %d "
-                "tokens (eos included).",
+                "%s %d of %d examples so far: %s tokens (eos included).",
                 action,
                 self.over,
                 self.seen,
-                self.lengths["inputs"],
-                self.lengths["targets"],
+                limits,
             )
         return True
 
@@ -242,11 +275,17 @@ def _process(index: int | None, count: int | None) -> tuple[int, int]:
 def _pad_batch(
     examples: Sequence[dict[str, np.ndarray]], batch_size: int, lengths: dict[str, int]
 ) -> dict[str, np.ndarray]:
-    """Up to batch_size examples -> inputs [batch, S], targets [batch, T]; 0 fills the rest."""
+    """Up to batch_size examples -> inputs [batch, S], targets [batch, T] (0 fills the rest),
+    and label [batch] (-1 fills the rest) when the examples have one."""
     batch = {key: np.zeros((batch_size, length), np.int32) for key, length in lengths.items()}
+    if examples and "label" in examples[0]:
+        batch["label"] = np.full((batch_size,), -1, np.int32)
     for row, example in enumerate(examples):
         for key, ids in example.items():
-            batch[key][row, : len(ids)] = ids
+            if key == "label":
+                batch[key][row] = ids
+            else:
+                batch[key][row, : len(ids)] = ids
     return batch
 
 
@@ -254,8 +293,11 @@ def _add_decoder_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Adds decoder_inputs [batch, T]: targets shifted right within each target segment.
 
     A position gets bos where its segment starts, the previous target otherwise, and 0 on
-    padding. Unpacked rows are one segment: wherever targets are not pad.
+    padding. Unpacked rows are one segment: wherever targets are not pad. Batches without
+    targets (encoder-only tasks) pass through.
     """
+    if "targets" not in batch:
+        return batch
     targets = batch["targets"]  # [B, T]
     segments = batch.get("targets_segment_ids", (targets != 0).astype(np.int32))  # [B, T]
     decoder_inputs = np.zeros_like(targets)

@@ -26,6 +26,7 @@ PAD_ID = 0
 UNK_ID = 1
 BOS_ID = 2
 EOS_ID = 3
+MASK_PIECE = "<mask>"  # masked-LM tokenizers have it as their first piece (id 4)
 
 
 class Tokenizer:
@@ -63,6 +64,11 @@ class Tokenizer:
         return self._proto
 
     @property
+    def mask_id(self) -> int | None:
+        """The id of MASK_PIECE, or None for a tokenizer trained without it (translation)."""
+        return self.piece_id(MASK_PIECE)
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids, specials included; at most the size asked for at training."""
         return self._sp.vocab_size()
@@ -87,6 +93,11 @@ class Tokenizer:
         """The piece an id stands for, e.g. "▁Haus" (for inspection and debugging)."""
         return self._sp.id_to_piece(token_id)
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a piece, e.g. "▁Haus"; None when the vocabulary does not have it."""
+        found = self._sp.piece_to_id(piece)
+        return None if found == UNK_ID and piece != self._sp.id_to_piece(UNK_ID) else found
+
     def __getstate__(self) -> bytes:
         return self._proto
 
@@ -101,12 +112,15 @@ def train_tokenizer(
     model_type: str = "unigram",
     character_coverage: float = 0.9995,
     max_sentences: int = 2_000_000,
+    user_symbols: Sequence[str] = (),
 ) -> Tokenizer:
     """Trains a sentencepiece model on `sentences` (both languages, for a joint vocabulary).
 
     vocab_size is an upper bound: a small corpus may yield fewer pieces, as the synthetic task
     does. Sentencepiece keeps a random sample of at most `max_sentences` of them. Rare
     characters beyond `character_coverage` are spelled as bytes (byte fallback).
+    `user_symbols` (e.g. (MASK_PIECE,)) become single pieces right after the special ids, and
+    are never split when they occur in text.
     """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -127,6 +141,7 @@ def train_tokenizer(
         shuffle_input_sentence=True,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
+        user_defined_symbols=list(user_symbols),
     )
     return Tokenizer(model.getvalue())
 
@@ -146,7 +161,8 @@ def _sample_sentences(source: Sequence[dict[str, str]], max_pairs: int, seed: in
             examples = [source[i] for i in chunk.tolist()]
         for example in examples:
             yield example["source"]
-            yield example["target"]
+            if "target" in example:  # encoder-only tasks have one text per example
+                yield example["target"]
 
 
 def load_or_train_tokenizer(
@@ -157,11 +173,13 @@ def load_or_train_tokenizer(
     model_type: str = "unigram",
     max_pairs: int = 100_000,
     seed: int = 0,
+    user_symbols: Sequence[str] = (),
 ) -> Tokenizer:
     """Loads the model at `path` (e.g. `<workdir>/spm.model`), or trains and saves it there.
 
     Training reads both sides of up to `max_pairs` random examples of `train_source` (a
-    sequence of {"source", "target"} dicts such as `TranslationData.source("train")`).
+    sequence of {"source", "target"} dicts such as `TranslationData.source("train")`, or
+    of {"source"} dicts for encoder-only tasks); `user_symbols` as in `train_tokenizer`.
     """
     path = epath.Path(path)
     if path.exists():
@@ -175,7 +193,11 @@ def load_or_train_tokenizer(
     logging.info("Training a %s tokenizer (vocab <= %d) for %s", model_type, vocab_size, path)
     sentences = _sample_sentences(train_source, max_pairs, seed)
     tokenizer = train_tokenizer(
-        sentences, vocab_size=vocab_size, model_type=model_type, max_sentences=2 * max_pairs
+        sentences,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        max_sentences=2 * max_pairs,
+        user_symbols=user_symbols,
     )
     tokenizer.save(path)
     logging.info("Saved tokenizer %s: %d ids", path, tokenizer.vocab_size)

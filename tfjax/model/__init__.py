@@ -20,6 +20,7 @@ values are copied per beam.
 """
 
 from tfjax.model.config import PRESETS, TransformerConfig, preset
+from tfjax.model.encoder_only import Classifier, MaskedLM
 from tfjax.model.transformer import Transformer
 
-__all__ = ["PRESETS", "Transformer", "TransformerConfig", "preset"]
+__all__ = ["PRESETS", "Classifier", "MaskedLM", "Transformer", "TransformerConfig", "preset"]

@@ -18,6 +18,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "swish": nn.swish,
 }
 POSITIONS = ("sinusoidal", "sinusoidal_half", "learned")
+POOLINGS = ("first", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,12 @@ class TransformerConfig:
     dropout_rate: float = 0.1  # on embeddings and on every sublayer output
     attention_dropout_rate: float = 0.0  # on attention probabilities
     activation_dropout_rate: float = 0.0  # inside the feed-forward, after the activation
+    embedding_norm: bool = False  # LayerNorm on token + position embeddings (BERT)
+    # Encoder-only heads (tfjax.model.encoder_only); the encoder–decoder ignores them.
+    mlm_transform: bool = False  # masked-LM head: dense, activation, LayerNorm before logits
+    num_labels: int = 0  # classifier: number of classes (0 for every other model)
+    pooling: str = "first"  # classifier: "first" (the bos / [CLS] piece) or "mean" over pieces
+    pooler: bool = False  # classifier: dense + tanh on the pooled vector (BERT's pooler)
     dtype: Any = jnp.float32  # compute dtype (e.g. jnp.bfloat16)
     param_dtype: Any = jnp.float32  # storage dtype of the parameters
 
@@ -54,6 +61,8 @@ class TransformerConfig:
             raise ValueError(f"activation={self.activation!r}; expected one of {list(ACTIVATIONS)}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions={self.positions!r}; expected one of {POSITIONS}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLINGS}")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"

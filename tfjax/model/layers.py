@@ -162,7 +162,8 @@ def residual(
 
 
 class Embedder(nn.Module):
-    """Token embedding (optionally scaled by sqrt(d_model)) plus positions, then dropout."""
+    """Token embedding (optionally scaled by sqrt(d_model)) plus positions, an optional
+    LayerNorm (BERT), then dropout."""
 
     config: TransformerConfig
     embed: nn.Embed
@@ -188,6 +189,8 @@ class Embedder(nn.Module):
         else:
             table = sinusoids(cfg.max_len, cfg.d_model, half=cfg.positions == "sinusoidal_half")
         x = x + jnp.asarray(table, cfg.dtype)[positions]  # [B, T, D]
+        if cfg.embedding_norm:
+            x = layer_norm(cfg, "norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         return constrain(x, (BATCH, LENGTH, EMBED))
 
