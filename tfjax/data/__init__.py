@@ -1,6 +1,7 @@
 """Data: TFDS sources (translation, task folders, the synthetic task), tokenizer, grain."""
 
 from tfjax.data.folder import CorpusError, build_folder, find_splits, read_parallel
+from tfjax.data.jsonl_folder import build_jsonl_folder, read_jsonl
 from tfjax.data.pipeline import PipelineOptions, eval_dataset, train_batch_shapes, train_dataset
 from tfjax.data.sources import (
     SYNTHETIC,
@@ -38,12 +39,14 @@ __all__ = [
     "Tokenizer",
     "TranslationData",
     "build_folder",
+    "build_jsonl_folder",
     "build_synthetic",
     "eval_dataset",
     "find_splits",
     "load_or_train_tokenizer",
     "prepare",
     "prepare_task",
+    "read_jsonl",
     "read_parallel",
     "train_batch_shapes",
     "train_dataset",

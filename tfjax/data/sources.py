@@ -3,6 +3,7 @@
 A dataset is named by one string:
   - "synthetic": the built-in number-words task (synthetic.py), English to "de" or "zh";
   - a folder of line-aligned text files (folder.py), built into `data_dir` on first use;
+  - a folder of JSONL files (jsonl_folder.py), read from field `source_lang` to `target_lang`;
   - a folder that already holds a prepared TFDS dataset (it has a dataset_info.json);
   - a registered TFDS translation dataset, e.g. "wmt14_translate/de-en",
     "ted_hrlr_translate/pt_to_en", "wmt19_translate/zh-en", prepared as array_record.
@@ -23,6 +24,7 @@ import tensorflow_datasets.translate  # noqa: F401
 from etils import epath
 
 from tfjax.data.folder import build_folder
+from tfjax.data.jsonl_folder import build_jsonl_folder, is_jsonl_folder
 from tfjax.data.synthetic import LANGUAGES as SYNTHETIC_LANGUAGES
 from tfjax.data.synthetic import build_synthetic
 
@@ -114,6 +116,9 @@ def prepare(
         builder_dir = build_synthetic(_synthetic_language(source_lang, target_lang), data_dir)
     elif path.is_dir() and (path / "dataset_info.json").exists():
         builder_dir = str(path)
+    elif path.is_dir() and is_jsonl_folder(path):
+        # source_lang and target_lang name the two JSON fields, e.g. "dialogue", "summary".
+        builder_dir = build_jsonl_folder(path, (source_lang, target_lang), data_dir)
     elif path.is_dir():
         builder_dir = build_folder(path, (source_lang, target_lang), data_dir)
     elif dataset.startswith(("/", ".", "~")):
