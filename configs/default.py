@@ -11,7 +11,8 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # "translation" (encoder-decoder), "masked_lm" or "classification" (encoder-only).
+    # "translation" or "summarization" (encoder-decoder), "masked_lm" or "classification"
+    # (encoder-only).
     config.task = "translation"
     # Data.
     config.dataset = "synthetic"  # "synthetic", "folder" (text files in data_dir), or a TFDS name
@@ -77,6 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 128
     config.eval_beam_size = 1  # 1: greedy
     config.eval_alpha = 0.6  # GNMT length penalty when eval_beam_size > 1
+    config.eval_min_length = 0  # output pieces before eos is allowed
+    config.eval_no_repeat_ngram_size = 0  # no n-gram of this size twice in an output; 0: off
     config.test_split = "test"  # decoded in full at the end
     config.checkpoint_every = 500
     config.keep_checkpoints = 3

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 32
     config.learning_rate = 1e-3
     config.warmup_steps = 1000
-    config.num_train_steps = 3000
+    config.num_train_steps = 2000
     config.eval_every = 1000
     config.eval_split = "test"  # no WikiText-2 train here: valid is training text
     config.test_split = "test"

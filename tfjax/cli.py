@@ -22,7 +22,10 @@ from tqdm import tqdm
 # Commands whose recipe takes --config.KEY=VALUE overrides after the known arguments.
 _RECIPE_COMMANDS = ("train", "precompile")
 # The smallest value of each numeric argument of the other commands, checked before any work.
-_LOWEST = {"beam": 1, "batch": 1, "show_probs": 0, "last": 1}
+_LOWEST = {
+    "beam": 1, "batch": 1, "show_probs": 0, "last": 1, "min_length": 0,
+    "no_repeat_ngram_size": 0, "max_length": 1,
+}  # fmt: skip
 
 
 class CommandError(Exception):
@@ -51,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty")
         p.add_argument("--batch", type=int, default=32, help="sentences per decoder call")
 
+    def decoding_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--min_length", type=int, default=0, help="pieces before eos may come")
+        p.add_argument(
+            "--no_repeat_ngram_size", type=int, default=0, help="no n-gram twice; 0: off"
+        )
+
     translate = commands.add_parser("translate", help="translate sentences")
     restore_args(translate)
     translate.add_argument("sentences", nargs="*", help="text; none: lines of --file or stdin")
@@ -61,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="translate a split and score it")
     restore_args(evaluate)
+    decoding_args(evaluate)
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--data_dir", default=None, help="where the data is now, if it moved")
 
@@ -80,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
         "--top_k", type=int, default=None, help="fill-mask: 5; classification: 1 (0: all)"
     )
     pipe.add_argument("--targets", default=None, help="fill-mask: comma-separated candidates")
-    pipe.add_argument("--beam", type=int, default=1, help="translation: beam size")
+    pipe.add_argument("--beam", type=int, default=1, help="translation, summarization: beam")
+    pipe.add_argument("--max_length", type=int, default=None, help="summarization: pieces")
+    decoding_args(pipe)
     pipe.add_argument(
         "--show-probs", type=int, default=0, metavar="K", help="translation: top-K per step"
     )
@@ -169,10 +181,12 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
-def _translator(args: argparse.Namespace):
+def _translator(args: argparse.Namespace, **kwargs):
     from tfjax.translator import Translator
 
-    return Translator.from_workdir(args.workdir, args.step, best=args.best, max_batch=args.batch)
+    return Translator.from_workdir(
+        args.workdir, args.step, best=args.best, max_batch=args.batch, **kwargs
+    )
 
 
 def _lines(args: argparse.Namespace) -> tuple[list[str], bool]:
@@ -236,7 +250,10 @@ def _pipeline(args: argparse.Namespace) -> int:
         options = dict(top_k=None if args.top_k == 0 else (args.top_k or 1))
     else:
         options = dict(num_beams=args.beam, return_step_probs=bool(args.show_probs))
-        options["num_top"] = args.show_probs
+        options.update(num_top=args.show_probs, min_length=args.min_length)
+        options.update(no_repeat_ngram_size=args.no_repeat_ngram_size)
+        if args.max_length:
+            options["max_length"] = args.max_length
     for result in pipe(texts, **options):
         print(json.dumps(result, ensure_ascii=False), flush=True)
     return 0
@@ -249,9 +266,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     source = data.source(args.split)
     if recipe.encoder_only(config):
         return _evaluate_encoder(args, config, source)
-    result = _translator(args).evaluate(
-        source, beam_size=args.beam, alpha=args.alpha, progress=True
+    summaries = recipe.task(config) == "summarization"
+    # Summaries are as long as training allowed (the pipeline's default max_length too).
+    longest = dict(max_decode_len=config.max_target_len) if summaries else {}
+    result = _translator(args, **longest).evaluate(
+        source,
+        beam_size=args.beam,
+        alpha=args.alpha,
+        progress=True,
+        min_length=args.min_length,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        rouge=summaries,
     )
+    if summaries:
+        print(
+            f"{args.split}: {len(source)} texts  ROUGE-1 {result['rouge1']:.2f}  "
+            f"ROUGE-2 {result['rouge2']:.2f}  ROUGE-L {result['rougeL']:.2f}  "
+            f"ROUGE-Lsum {result['rougeLsum']:.2f}  perplexity {result['perplexity']:.2f}"
+        )
+        return 0
     print(
         f"{args.split}: {len(source)} sentences  BLEU {result['bleu']:.2f}  "
         f"(lowercased {result['bleu_lowercase']:.2f})  chrF {result['chrf']:.2f}  "

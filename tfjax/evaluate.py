@@ -1,5 +1,5 @@
-"""Evaluate a split with a model's parameters: loss, translations, sacreBLEU, chrF, exact match;
-for encoder-only models, masked-piece accuracy or class accuracy and macro-F1.
+"""Evaluate a split with a model's parameters: loss, translations, sacreBLEU, chrF, exact match,
+ROUGE for summaries; for encoder-only models, masked-piece accuracy or accuracy and macro-F1.
 
 The training loop, `Translator.evaluate` (and so `python -m tfjax evaluate`) and the quality
 benchmark all go through `evaluate_split` (`evaluate_encoder_split`), so a split is
@@ -38,6 +38,9 @@ class EvalOptions:
     max_target_len: int  # references likewise, for the loss; also the longest translation
     beam_size: int = 1  # 1: greedy
     alpha: float = 0.6  # GNMT length-penalty exponent of beam search
+    min_length: int = 0  # eos is banned before this many output pieces
+    no_repeat_ngram_size: int = 0  # no n-gram of this size twice in an output (0: off)
+    rouge: bool = False  # also ROUGE-1/2/L/Lsum and their mean (summarization)
 
 
 @functools.cache
@@ -111,11 +114,16 @@ def evaluate_split(
             max_decode_len=options.max_target_len,
             beam_size=options.beam_size,
             alpha=options.alpha,
+            min_length=options.min_length,
+            no_repeat_ngram_size=options.no_repeat_ngram_size,
             progress=progress,
         )
         indices = sorted(hyps)[:wanted]
         references = [source[i]["target"] for i in indices]
         result.update(scores([hyps[i] for i in indices], references))
+        if options.rouge:
+            result.update(rouge([hyps[i] for i in indices], references))
+            result["rouge_mean"] = (result["rouge1"] + result["rouge2"] + result["rougeL"]) / 3
     return result
 
 
@@ -128,10 +136,13 @@ def translate_batches(
     max_decode_len: int,
     beam_size: int = 1,
     alpha: float = 0.6,
+    min_length: int = 0,
+    no_repeat_ngram_size: int = 0,
     progress: bool = False,
 ) -> dict[int, str]:
     """Detokenized translations by example index, for eval batches (rows with index -1
-    skipped), placed on a mesh or not; every process gets every row's translation."""
+    skipped), placed on a mesh or not; every process gets every row's translation.
+    min_length and no_repeat_ngram_size as in `generate.decode_best`."""
     out: dict[int, str] = {}
     for batch in tqdm(batches, desc="translate", disable=not progress, leave=False):
         tokens = generate.decode_best(
@@ -141,6 +152,8 @@ def translate_batches(
             max_decode_len=max_decode_len,
             beam_size=beam_size,
             alpha=alpha,
+            min_length=min_length,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         ).tokens  # [B, L]
         for index, row in zip(generate.to_host(batch["index"]), tokens, strict=True):
             if index >= 0:

@@ -1,5 +1,5 @@
 """Hugging Face-style task pipelines over trained workdirs: fill-mask, text-classification,
-translation.
+translation, summarization.
 
 `pipeline(task, workdir=DIR)` restores the workdir's checkpoint and returns a callable that
 takes one text or a list of texts, with HF's call options and output fields, so code written
@@ -30,6 +30,7 @@ TASKS = {
     "text-classification": "classification",
     "sentiment-analysis": "classification",
     "translation": "translation",
+    "summarization": "summarization",
 }
 
 
@@ -40,11 +41,12 @@ def pipeline(
     batch_size: int = 32,
     step: int | None = None,
     best: bool = False,
-) -> FillMaskPipeline | TextClassificationPipeline | TranslationPipeline:
+) -> FillMaskPipeline | TextClassificationPipeline | TranslationPipeline:  # or a subclass
     """The `task` pipeline over `workdir`'s latest (or `step`, or best) checkpoint.
 
-    task: "fill-mask", "text-classification" (alias "sentiment-analysis") or "translation"
-    (HF's "translation_xx_to_yy" names are accepted). batch_size: texts per model call.
+    task: "fill-mask", "text-classification" (alias "sentiment-analysis"), "translation"
+    (HF's "translation_xx_to_yy" names are accepted) or "summarization". batch_size: texts
+    per model call.
     """
     name = "translation" if task.startswith("translation_") else task
     if name not in TASKS:
@@ -60,10 +62,20 @@ def pipeline(
         )
     tokenizer = Tokenizer(tokenizer_bytes)
     max_len = meta["train"].get("max_source_len") or cfg.max_len
-    if name == "translation":
-        return TranslationPipeline(
-            Translator(cfg, params, tokenizer, max_source_len=max_len, max_batch=batch_size)
+    if name in ("translation", "summarization"):
+        # A summary's default length limit is the training one (HF's max_length); a
+        # translation's is the Translator's, as `python -m tfjax translate` uses.
+        longest = meta["train"]["max_target_len"] if name == "summarization" else 128
+        translator = Translator(
+            cfg,
+            params,
+            tokenizer,
+            max_source_len=max_len,
+            max_decode_len=longest,
+            max_batch=batch_size,
         )
+        kind = TranslationPipeline if name == "translation" else SummarizationPipeline
+        return kind(translator)
     kind = FillMaskPipeline if name == "fill-mask" else TextClassificationPipeline
     return kind(cfg, params, tokenizer, max_len=max_len, batch_size=batch_size, meta=meta)
 
@@ -307,6 +319,8 @@ class TextClassificationPipeline(_EncoderPipeline):
 class TranslationPipeline:
     """HF's "translation" over a `Translator`: {"translation_text"} per text."""
 
+    output_key = "translation_text"
+
     def __init__(self, translator: Translator) -> None:
         self.translator = translator
 
@@ -318,20 +332,25 @@ class TranslationPipeline:
         length_penalty: float = 0.6,
         return_step_probs: bool = False,
         num_top: int = 5,
+        **controls: Any,
     ) -> list[dict[str, Any]]:
         """One dict per text (a list of one for a single string).
 
         num_beams: 1 is greedy. length_penalty: beam search's GNMT exponent (tfjax's alpha;
         HF's own length_penalty divides by length**penalty instead). return_step_probs adds
         "steps": per output piece {piece, prob, alternatives: [(piece, prob)] * num_top}.
+        `controls`: min_length, max_length (output pieces, eos included; at most the
+        translator's max_decode_len), no_repeat_ngram_size, early_stopping (True or "never").
         """
         texts, _ = _texts(inputs)
+        if "max_length" in controls:
+            controls["max_decode_len"] = controls.pop("max_length")
         out = []
         for t in self.translator.translate(
             texts, beam_size=num_beams, alpha=length_penalty,
-            num_top=num_top if return_step_probs else 0,
+            num_top=num_top if return_step_probs else 0, **controls,
         ):  # fmt: skip
-            result: dict[str, Any] = {"translation_text": t.text}
+            result: dict[str, Any] = {self.output_key: t.text}
             if return_step_probs:
                 result["steps"] = [
                     dict(piece=p, prob=float(np.exp(lp)), alternatives=alts)
@@ -339,3 +358,27 @@ class TranslationPipeline:
                 ]
             out.append(result)
         return out
+
+
+class SummarizationPipeline(TranslationPipeline):
+    """HF's "summarization": {"summary_text"} per text, with HF's length warnings."""
+
+    output_key = "summary_text"
+
+    def __call__(self, inputs: str | Sequence[str], **options: Any) -> list[dict[str, Any]]:
+        """As `TranslationPipeline`; warns, as HF does, when max_length is below min_length
+        or above the input's length in pieces (summaries are meant to be shorter)."""
+        texts, _ = _texts(inputs)
+        longest = options.get("max_length") or self.translator.max_decode_len
+        if options.get("min_length", 0) > longest:
+            logging.warning(
+                "min_length=%d is more than max_length=%d", options["min_length"], longest
+            )
+        shortest = min(len(ids) for ids in self.translator.tokenizer.encode_batch(texts))
+        if shortest < longest:
+            logging.warning(
+                "max_length is %d but an input is only %d pieces long; a summary is usually "
+                "shorter than its input: consider a smaller max_length",
+                longest, shortest,
+            )  # fmt: skip
+        return super().__call__(texts, **options)

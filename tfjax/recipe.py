@@ -30,7 +30,9 @@ class ConfigError(ValueError):
 # pad, unk, bos and eos, sentencepiece's 256 byte-fallback pieces, and at least one more.
 MIN_VOCAB_SIZE = 4 + 256 + 1
 # Task -> the kind of `prepare_task` folder it reads (translation reads parallel text).
-TASKS = {"translation": None, "masked_lm": "text", "classification": "tsv"}
+TASKS = {"translation": None, "summarization": None, "masked_lm": "text", "classification": "tsv"}
+# The evaluation figure that picks the best checkpoint, per task.
+BEST_BY = {"translation": "bleu", "summarization": "rouge_mean"}
 _DROPOUTS = ("dropout_rate", "attention_dropout_rate", "activation_dropout_rate")
 # (keys, test, what the test asks) for the values that `validate` checks one by one.
 _RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
@@ -46,6 +48,7 @@ _RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
         ">= 0",
     ),
     (("accum_steps", "eval_beam_size"), lambda v: v >= 1, ">= 1"),
+    (("eval_min_length", "eval_no_repeat_ngram_size"), lambda v: v >= 0, ">= 0"),
     (("label_smoothing",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("mask_rate",), lambda v: 0 < v < 1, "in (0, 1)"),
     (
@@ -102,7 +105,12 @@ def task(config: ml_collections.ConfigDict) -> str:
 
 
 def encoder_only(config: ml_collections.ConfigDict) -> bool:
-    return task(config) != "translation"
+    return task(config) not in ("translation", "summarization")
+
+
+def best_by(config: ml_collections.ConfigDict) -> str:
+    """The evaluation result's key that picks the best checkpoint: BLEU, ROUGE or accuracy."""
+    return BEST_BY.get(task(config), "accuracy")
 
 
 def _task_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -136,9 +144,8 @@ def model_config(config: ml_collections.ConfigDict, num_labels: int = 0) -> Tran
 
 def build_model(task_name: str, model_cfg: TransformerConfig) -> nn.Module:
     """The module a task trains: Transformer, MaskedLM or Classifier."""
-    return {"translation": Transformer, "masked_lm": MaskedLM, "classification": Classifier}[
-        task_name
-    ](model_cfg)
+    modules = {"masked_lm": MaskedLM, "classification": Classifier}
+    return modules.get(task_name, Transformer)(model_cfg)
 
 
 def sampling_config(config: ml_collections.ConfigDict) -> ScheduledSampling | None:
@@ -178,8 +185,8 @@ def pipeline_options(config: ml_collections.ConfigDict) -> PipelineOptions:
         seed=config.seed,
         encoder_only=encoder_only(config),
         # Long texts keep their start rather than being dropped: a classifier's example
-        # count and label balance stay those of the file.
-        truncate=encoder_only(config),
+        # count and label balance, and the dialogues summarized, stay those of the file.
+        truncate=task(config) != "translation",
     )
 
 
@@ -191,6 +198,12 @@ def eval_options(config: ml_collections.ConfigDict) -> EvalOptions:
         max_target_len=config.max_target_len,
         beam_size=config.eval_beam_size,
         alpha=config.eval_alpha,
+        # Workdirs trained before these keys existed decode without them.
+        min_length=config.eval_min_length if "eval_min_length" in config else 0,
+        no_repeat_ngram_size=(
+            config.eval_no_repeat_ngram_size if "eval_no_repeat_ngram_size" in config else 0
+        ),
+        rouge=task(config) == "summarization",
     )
 
 

@@ -399,8 +399,7 @@ def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
                 )
                 logging.info("step %d %s: %s", step, config.eval_split, result)
                 writer.write(step, config.eval_split, result)
-                # The best checkpoint: by BLEU, or accuracy for encoder-only tasks.
-                score = result.get("bleu", result["accuracy"])
+                score = result.get(recipe.best_by(config))
             if checkpoint_due or score is not None:
                 _save(run, state, step, score)
                 last_good = step
@@ -426,6 +425,13 @@ def _final(run: Run, params: Any) -> dict[str, Any]:
         print(
             f"{config.test_split}: accuracy {100 * result['accuracy']:.2f}%  "
             f"macro-F1 {100 * result['macro_f1']:.2f}  nll {result['nll']:.4f}",
+            flush=True,
+        )
+        return result
+    if recipe.task(config) == "summarization":
+        print(
+            f"{config.test_split}: ROUGE-1 {result['rouge1']:.2f}  ROUGE-2 {result['rouge2']:.2f}"
+            f"  ROUGE-L {result['rougeL']:.2f}  ROUGE-Lsum {result['rougeLsum']:.2f}",
             flush=True,
         )
         return result

@@ -122,12 +122,16 @@ class Translator:
         beam_size: int = 1,
         alpha: float = 0.6,
         num_top: int = 0,
+        **controls: Any,
     ) -> Iterator[Translation]:
         """Translations in order, each batch's as soon as it is decoded. The arguments and
         every sentence are checked (empty ones refused) here, before the first is translated.
 
-        num_top beyond the vocabulary is clamped to it, with a warning.
+        num_top beyond the vocabulary is clamped to it, with a warning. `controls`: the
+        decoding controls of `generate.decode_best` (min_length, no_repeat_ngram_size,
+        early_stopping) and max_decode_len (at most the translator's own).
         """
+        controls = self._controls(controls)
         if beam_size < 1:
             raise ValueError(f"beam_size={beam_size}: must be at least 1 (1 is greedy)")
         if num_top < 0:
@@ -139,10 +143,28 @@ class Translator:
             )
             num_top = vocab
         ids = self._encode(sentences, self.max_source_len)
-        return self._decode(ids, beam_size, alpha, num_top)
+        return self._decode(ids, beam_size, alpha, num_top, controls)
+
+    def _controls(self, controls: dict[str, Any]) -> dict[str, Any]:
+        """The decoding controls checked, with max_decode_len filled in."""
+        known = {"min_length", "no_repeat_ngram_size", "early_stopping", "max_decode_len"}
+        if set(controls) - known:
+            raise TypeError(f"unknown decoding options {sorted(set(controls) - known)}")
+        longest = controls.get("max_decode_len") or self.max_decode_len
+        if not 1 <= longest <= self.max_decode_len:
+            raise ValueError(f"max_decode_len={longest} must be in [1, {self.max_decode_len}]")
+        for name in ("min_length", "no_repeat_ngram_size"):
+            if controls.get(name, 0) < 0:
+                raise ValueError(f"{name}={controls[name]} must be >= 0")
+        return {**controls, "max_decode_len": longest}
 
     def _decode(
-        self, ids: list[np.ndarray], beam_size: int, alpha: float, num_top: int
+        self,
+        ids: list[np.ndarray],
+        beam_size: int,
+        alpha: float,
+        num_top: int,
+        controls: dict[str, Any],
     ) -> Iterator[Translation]:
         """Decodes checked, encoded sentences batch by batch."""
         for rows, inputs in self._batches(ids):
@@ -150,10 +172,10 @@ class Translator:
                 self.model,
                 self.params,
                 inputs,
-                max_decode_len=self.max_decode_len,
                 beam_size=beam_size,
                 alpha=alpha,
                 num_top=num_top,
+                **controls,
             )
             yield from (self._translation(out, r, beam_size > 1) for r in range(len(rows)))
 
@@ -164,10 +186,14 @@ class Translator:
         beam_size: int = 1,
         alpha: float = 0.6,
         num_top: int = 0,
+        **controls: Any,
     ) -> list[Translation]:
-        """Translate sentences (greedy when beam_size == 1); num_top alternatives per step."""
+        """Translate sentences (greedy when beam_size == 1); num_top alternatives per step;
+        `controls` as in `translate_stream`."""
         return list(
-            self.translate_stream(sentences, beam_size=beam_size, alpha=alpha, num_top=num_top)
+            self.translate_stream(
+                sentences, beam_size=beam_size, alpha=alpha, num_top=num_top, **controls
+            )
         )
 
     def evaluate(
@@ -177,12 +203,14 @@ class Translator:
         beam_size: int = 1,
         alpha: float = 0.6,
         progress: bool = False,
+        **options: Any,
     ) -> dict[str, Any]:
         """Loss and translation scores of examples ({"source", "target"} dicts, or a data
         source of them), through the training loop's own `evaluate.evaluate_split`.
 
         Returns its result: nll, perplexity, accuracy, sacreBLEU, lowercased BLEU, chrF,
-        exact match and the BLEU signature.
+        exact match and the BLEU signature; with rouge=True also ROUGE. `options`: the other
+        `EvalOptions` fields (min_length, no_repeat_ngram_size, rouge).
         """
         options = EvalOptions(
             batch_size=self.max_batch,
@@ -190,6 +218,7 @@ class Translator:
             max_target_len=self.max_decode_len,
             beam_size=beam_size,
             alpha=alpha,
+            **options,
         )
         return evaluate_split(
             self.model, self.params, self.tokenizer, examples, options, progress=progress

@@ -1,0 +1,112 @@
+"""Summarization quality of a workdir: decoding chosen on validation, test scored once; LEAD-3.
+
+  python benchmarks/summarization.py --workdir=/tmp/samsum [--data_dir=/path/to/samsum] \
+      [--settings="1,0.6,0,0;4,0.6,0,3;4,1.0,5,3"] [--show=3]
+
+Each setting is "beam,alpha,min_length,no_repeat_ngram_size". Every setting decodes the
+config's validation split; the one with the best mean of ROUGE-1, -2 and -L then decodes the
+test split, once. LEAD-3 (the first three turns of each dialogue, turns being its lines) is
+scored on test by the same ROUGE code (Google's rouge-score, Porter stemmer, F1 x 100).
+--show prints that many test summaries with their per-step probabilities. The table is
+printed and appended to benchmarks/QUALITY.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from tfjax import cli, recipe
+from tfjax.evaluate import rouge
+from tfjax.translator import Translator
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a summarization workdir", required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "where the data is now, if it moved")
+_SETTINGS = flags.DEFINE_string(
+    "settings", "1,0.6,0,0;4,0.6,0,3;4,1.0,5,3", "beam,alpha,min_length,no_repeat;..."
+)
+_BATCH = flags.DEFINE_integer("batch", 64, "dialogues per decoder call")
+_SHOW = flags.DEFINE_integer("show", 3, "test summaries shown with step probabilities")
+QUALITY = Path(__file__).with_name("QUALITY.md")
+
+
+def lead3(dialogue: str) -> str:
+    """The first three turns (lines) of a dialogue, joined with spaces."""
+    return " ".join(line.strip() for line in dialogue.splitlines()[:3])
+
+
+def _decode(translator: Translator, examples, setting: tuple) -> tuple[dict, list]:
+    beam, alpha, min_length, no_repeat = setting
+    outputs = translator.translate(
+        [e["source"] for e in examples],
+        beam_size=beam,
+        alpha=alpha,
+        min_length=min_length,
+        no_repeat_ngram_size=no_repeat,
+        num_top=3,
+    )
+    scores = rouge([o.text for o in outputs], [e["target"] for e in examples])
+    scores["mean"] = (scores["rouge1"] + scores["rouge2"] + scores["rougeL"]) / 3
+    return scores, outputs
+
+
+def _row(name: str, s: dict) -> str:
+    return (
+        f"| {name} | {s['rouge1']:.2f} | {s['rouge2']:.2f} | {s['rougeL']:.2f} | "
+        f"{s['rougeLsum']:.2f} |"
+    )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cli.quiet_library_logs()
+    config, data = recipe.workdir_data(_WORKDIR.value, data_dir=_DATA_DIR.value)
+    translator = Translator.from_workdir(
+        _WORKDIR.value, max_batch=_BATCH.value, max_decode_len=config.max_target_len
+    )
+    settings = [
+        (int(b), float(a), int(m), int(n))
+        for b, a, m, n in (s.split(",") for s in _SETTINGS.value.split(";"))
+    ]
+    validation = data.source(config.eval_split).examples()
+    test = data.source(config.test_split).examples()
+    table = ["| workload | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |", "|---|---|---|---|---|"]
+    results = {}
+    for setting in settings:
+        results[setting], _ = _decode(translator, validation, setting)
+        name = "beam {}, alpha {}, min_length {}, no_repeat_ngram {}".format(*setting)
+        table.append(_row(f"{config.eval_split}: {name}", results[setting]))
+        print(table[-1], flush=True)
+    best = max(results, key=lambda s: results[s]["mean"])
+    scores, outputs = _decode(translator, test, best)
+    name = "beam {}, alpha {}, min_length {}, no_repeat_ngram {}".format(*best)
+    table.append(_row(f"**{config.test_split}: {name}** (chosen on validation)", scores))
+    lead = rouge([lead3(e["source"]) for e in test], [e["target"] for e in test])
+    table.append(_row(f"{config.test_split}: LEAD-3", lead))
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "AVX-512" if "avx512f" in cpu else "AVX2" if "avx2" in cpu else "?"
+    lines = [
+        f"### summarization: {Path(_WORKDIR.value).name}, latest checkpoint "
+        f"({datetime.date.today()})",
+        f"machine: {platform.machine()} ({isa}), {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s); versions: jax {jax.__version__}",
+        "",
+        *table,
+    ]
+    for example, out in list(zip(test, outputs, strict=True))[: _SHOW.value]:
+        lines += ["", f"dialogue: {example['source']!r}", f"reference: {example['target']}"]
+        lines.append(f"summary: {out.text}")
+        steps = [f"{p} {np.exp(lp):.2f}" for p, lp in zip(out.pieces, out.log_probs, strict=True)]
+        lines.append("steps (piece p): " + "  ".join(steps))
+    print("\n".join(lines))
+    with QUALITY.open("a") as f:
+        f.write("\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
