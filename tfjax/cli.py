@@ -279,11 +279,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         rouge=summaries,
     )
     if summaries:
-        print(
-            f"{args.split}: {len(source)} texts  ROUGE-1 {result['rouge1']:.2f}  "
-            f"ROUGE-2 {result['rouge2']:.2f}  ROUGE-L {result['rougeL']:.2f}  "
-            f"ROUGE-Lsum {result['rougeLsum']:.2f}  perplexity {result['perplexity']:.2f}"
-        )
+        from tfjax.evaluate import describe
+
+        print(f"{args.split}: {len(source)} texts  {describe('summarization', result)}")
         return 0
     print(
         f"{args.split}: {len(source)} sentences  BLEU {result['bleu']:.2f}  "
@@ -316,12 +314,7 @@ def _evaluate_encoder(args: argparse.Namespace, config, source) -> int:
         recipe.eval_options(config),
         masking=masking,
     )
-    scores = f"accuracy {100 * result['accuracy']:.2f}%"
-    if task == "classification":
-        scores += f"  macro-F1 {100 * result['macro_f1']:.2f}"
-    else:
-        scores = "masked-piece " + scores + f"  perplexity {result['perplexity']:.2f}"
-    print(f"{args.split}: {len(source)} texts  {scores}  nll {result['nll']:.4f}")
+    print(f"{args.split}: {len(source)} texts  {evaluate.describe(task, result)}")
     return 0
 
 

@@ -71,6 +71,29 @@ def _loss(
     }
 
 
+def _batches(
+    source: Sequence[dict[str, Any]],
+    tokenizer: Tokenizer,
+    options: EvalOptions,
+    mesh: Mesh | None,
+    encoder_only: bool = False,
+) -> Any:
+    """The eval batches of `source`: this process's rows placed on `mesh`, or every row."""
+    shard = {} if mesh else dict(process_index=0, process_count=1)
+    batches = eval_dataset(
+        source,
+        tokenizer,
+        batch_size=options.batch_size,
+        max_source_len=options.max_source_len,
+        max_target_len=options.max_target_len,
+        encoder_only=encoder_only,
+        **shard,
+    )
+    if mesh is not None:
+        batches = batches.map(functools.partial(sharding.place_batch, mesh=mesh))
+    return batches
+
+
 def evaluate_split(
     model: Transformer,
     params: Any,
@@ -90,17 +113,7 @@ def evaluate_split(
     and the decoded hypotheses are global: every process computes the same scores, and so
     makes the same best-checkpoint choice. Without one, one process reads every row.
     """
-    shard = {} if mesh else dict(process_index=0, process_count=1)
-    batches = eval_dataset(
-        source,
-        tokenizer,
-        batch_size=options.batch_size,
-        max_source_len=options.max_source_len,
-        max_target_len=options.max_target_len,
-        **shard,
-    )
-    if mesh is not None:
-        batches = batches.map(functools.partial(sharding.place_batch, mesh=mesh))
+    batches = _batches(source, tokenizer, options, mesh)
     result = _loss(model, params, batches)
     wanted = len(source) if decode_sentences is None else min(decode_sentences, len(source))
     if wanted:
@@ -217,18 +230,7 @@ def evaluate_encoder_split(
     (`masking` given; {"source"} examples): nll, perplexity and accuracy of the masked pieces,
     on masks fixed per batch. `mesh` as in `evaluate_split`.
     """
-    shard = {} if mesh else dict(process_index=0, process_count=1)
-    batches = eval_dataset(
-        source,
-        tokenizer,
-        batch_size=options.batch_size,
-        max_source_len=options.max_source_len,
-        max_target_len=0,
-        encoder_only=True,
-        **shard,
-    )
-    if mesh is not None:
-        batches = batches.map(functools.partial(sharding.place_batch, mesh=mesh))
+    batches = _batches(source, tokenizer, options, mesh, encoder_only=True)
     result = _loss(model, params, batches, masking)
     if masking is None:
         labels, predicted = _classify(model, params, batches)
@@ -262,3 +264,26 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_labels: int) -> floa
         denominator = np.sum(predicted == c) + np.sum(labels == c)
         scores.append(2 * tp / denominator if denominator else 0.0)
     return float(np.mean(scores))
+
+
+def describe(task: str, result: dict[str, Any]) -> str:
+    """One line of a task's scores, as the trainer and `python -m tfjax evaluate` print it."""
+    if task == "classification":
+        return (
+            f"accuracy {100 * result['accuracy']:.2f}%  macro-F1 {100 * result['macro_f1']:.2f}"
+            f"  nll {result['nll']:.4f}"
+        )
+    if task == "masked_lm":
+        return (
+            f"masked-piece accuracy {100 * result['accuracy']:.2f}%  "
+            f"perplexity {result['perplexity']:.2f}  nll {result['nll']:.4f}"
+        )
+    if task == "summarization":
+        return (
+            f"ROUGE-1 {result['rouge1']:.2f}  ROUGE-2 {result['rouge2']:.2f}  "
+            f"ROUGE-L {result['rougeL']:.2f}  ROUGE-Lsum {result['rougeLsum']:.2f}"
+        )
+    return (
+        f"BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  "
+        f"exact match {result['exact_match']:.2f}%  ({result['signature']})"
+    )

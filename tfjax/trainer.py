@@ -421,30 +421,5 @@ def _final(run: Run, params: Any) -> dict[str, Any]:
     """Score the final model on config.test_split (every sentence decoded) and print it."""
     config = run.config
     result = _evaluate(run, params, config.test_split, decode_sentences=None)
-    if recipe.task(config) == "classification":
-        print(
-            f"{config.test_split}: accuracy {100 * result['accuracy']:.2f}%  "
-            f"macro-F1 {100 * result['macro_f1']:.2f}  nll {result['nll']:.4f}",
-            flush=True,
-        )
-        return result
-    if recipe.task(config) == "summarization":
-        print(
-            f"{config.test_split}: ROUGE-1 {result['rouge1']:.2f}  ROUGE-2 {result['rouge2']:.2f}"
-            f"  ROUGE-L {result['rougeL']:.2f}  ROUGE-Lsum {result['rougeLsum']:.2f}",
-            flush=True,
-        )
-        return result
-    if recipe.task(config) == "masked_lm":
-        print(
-            f"{config.test_split}: masked-piece accuracy {100 * result['accuracy']:.2f}%  "
-            f"perplexity {result['perplexity']:.2f}",
-            flush=True,
-        )
-        return result
-    print(
-        f"{config.test_split}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  "
-        f"exact match {result['exact_match']:.2f}%  ({result['signature']})",
-        flush=True,
-    )
+    print(f"{config.test_split}: {evaluate.describe(recipe.task(config), result)}", flush=True)
     return result

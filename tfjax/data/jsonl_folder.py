@@ -21,8 +21,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from tfjax.data.folder import CorpusError, _read_lines, fingerprint
+from tfjax.data.task_folders import find_task_splits
 
-_FILE_NAME = re.compile(r"^(?P<split>\w+)\.jsonl(\.gz)?$")
 # Field names go into the build directory's name joined by "-", so they must not hold one:
 # fields ("a-b", "c") and ("a", "b-c") would otherwise share a build.
 _FIELD_NAME = re.compile(r"^\w+$")
@@ -40,21 +40,7 @@ def find_jsonl_splits(folder: epath.PathLike) -> dict[str, str]:
 
     Raises FileNotFoundError when there is none, ValueError when a split has both forms.
     """
-    splits: dict[str, str] = {}
-    for path in sorted(epath.Path(folder).iterdir()):
-        match = _FILE_NAME.match(path.name)
-        if not match:
-            continue
-        split = match["split"]
-        if split in splits:
-            raise ValueError(f"{splits[split]} and {path} are both the {split!r} split")
-        splits[split] = str(path)
-    if not splits:
-        raise FileNotFoundError(
-            f"{folder} has no <split>.jsonl or <split>.jsonl.gz files "
-            "(a split name is letters, digits and underscores)"
-        )
-    return splits
+    return find_task_splits(folder, "jsonl")
 
 
 def is_jsonl_folder(folder: epath.PathLike) -> bool:
