@@ -44,7 +44,9 @@ def test_fill_mask_scores_are_the_softmax_of_the_full_forward_pass(fill_mask, ml
 def test_fill_mask_several_masks_lists_and_targets(fill_mask):
     two = fill_mask("the <mask> was <mask>", top_k=2)
     assert len(two) == 2 and all(len(per_mask) == 2 for per_mask in two)
-    assert "<mask>" in two[0][0]["sequence"]  # the other mask stays
+    # The other mask stays, spaced as a word.
+    assert two[0][0]["sequence"] == f"the {two[0][0]['token_str']} was <mask>"
+    assert two[1][0]["sequence"] == f"the <mask> was {two[1][0]['token_str']}"
     batch = fill_mask(["a <mask> film", "the <mask>", "<mask> plot"], top_k=1)
     assert len(batch) == 3 and all(len(r) == 1 for r in batch)
     alone = fill_mask("the <mask>", top_k=1)  # alone or in a batch (other program), the same

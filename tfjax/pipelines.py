@@ -229,6 +229,14 @@ class FillMaskPipeline(_EncoderPipeline):
     def _pool(self, vocab: int) -> np.ndarray:
         return self._pieces[self._pieces < vocab]
 
+    def _sequence(self, ids: np.ndarray) -> str:
+        """The text of ids whose other masks stay "<mask>", spaced as words: a mask took
+        its word boundary (`_encode`), so the pieces around each are decoded apart."""
+        cuts = np.flatnonzero(ids == self.tokenizer.mask_id)
+        starts, ends = np.append(0, cuts + 1), np.append(cuts, len(ids))
+        parts = [self.tokenizer.decode(ids[a:b]).strip() for a, b in zip(starts, ends, strict=True)]
+        return f" {MASK_PIECE} ".join(parts).strip()
+
     def _target_ids(self, targets: str | Sequence[str] | None) -> np.ndarray | None:
         """Each target's first piece id (warning when a target is several pieces)."""
         if targets is None:
@@ -269,7 +277,7 @@ class FillMaskPipeline(_EncoderPipeline):
                     score=float(probs[token]),
                     token=token,
                     token_str=self.tokenizer.decode([token]).strip(),
-                    sequence=self.tokenizer.decode(filled),
+                    sequence=self._sequence(filled),
                 )
             )
         return out
