@@ -114,3 +114,10 @@ def test_rejects_models_with_other_special_ids():
     )
     with pytest.raises(ValueError, match="pad, unk, bos, eos ids"):
         data.Tokenizer(model.getvalue())
+
+
+def test_a_vocabulary_too_small_for_the_characters_is_a_clear_error():
+    # 400 distinct CJK characters cannot fit in 270 ids with 260 taken by specials and bytes.
+    sentences = [f"abc {chr(0x4E00 + i)}" for i in range(400)]
+    with pytest.raises(ValueError, match="vocab_size=270 is too small.*raise vocab_size"):
+        data.train_tokenizer(sentences, vocab_size=270)

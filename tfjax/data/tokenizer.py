@@ -123,26 +123,35 @@ def train_tokenizer(
     are never split when they occur in text.
     """
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        normalization_rule_name="identity",
-        byte_fallback=True,
-        # A soft limit, so a corpus with few distinct pieces still trains.
-        hard_vocab_limit=False,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-        user_defined_symbols=list(user_symbols),
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            normalization_rule_name="identity",
+            byte_fallback=True,
+            # A soft limit, so a corpus with few distinct pieces still trains.
+            hard_vocab_limit=False,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+            user_defined_symbols=list(user_symbols),
+        )
+    except RuntimeError as e:
+        if "required_chars" not in str(e):
+            raise
+        # sentencepiece's message names its own source file; say which setting to change.
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for the corpus's distinct characters plus "
+            f"the special and user pieces; raise vocab_size ({e})"
+        ) from e
     return Tokenizer(model.getvalue())
 
 
