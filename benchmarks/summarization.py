@@ -26,6 +26,7 @@ from tfjax.evaluate import rouge
 from tfjax.translator import Translator
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a summarization workdir", required=True)
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "where the data is now, if it moved")
 _SETTINGS = flags.DEFINE_string(
     "settings", "1,0.6,0,0;4,0.6,0,3;4,1.0,5,3", "beam,alpha,min_length,no_repeat;..."
@@ -65,9 +66,12 @@ def _row(name: str, s: dict) -> str:
 def main(argv: list[str]) -> None:
     del argv
     cli.quiet_library_logs()
-    config, data = recipe.workdir_data(_WORKDIR.value, data_dir=_DATA_DIR.value)
+    config, data = recipe.workdir_data(_WORKDIR.value, _STEP.value, _DATA_DIR.value)
     translator = Translator.from_workdir(
-        _WORKDIR.value, max_batch=_BATCH.value, max_decode_len=config.max_target_len
+        _WORKDIR.value,
+        _STEP.value,
+        max_batch=_BATCH.value,
+        max_decode_len=config.max_target_len,
     )
     settings = [
         (int(b), float(a), int(m), int(n))
@@ -90,9 +94,9 @@ def main(argv: list[str]) -> None:
     table.append(_row(f"{config.test_split}: LEAD-3", lead))
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     isa = "AVX-512" if "avx512f" in cpu else "AVX2" if "avx2" in cpu else "?"
+    step = f"step {_STEP.value}" if _STEP.value else "latest checkpoint"
     lines = [
-        f"### summarization: {Path(_WORKDIR.value).name}, latest checkpoint "
-        f"({datetime.date.today()})",
+        f"### summarization: {Path(_WORKDIR.value).name}, {step} ({datetime.date.today()})",
         f"machine: {platform.machine()} ({isa}), {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s); versions: jax {jax.__version__}",
         "",
