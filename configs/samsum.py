@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.learning_rate = 1e-3
     config.warmup_steps = 1000
-    config.num_train_steps = 1000
+    config.num_train_steps = 1200
     config.eval_every = 500
     config.eval_split = "validation"
     config.eval_decode_sentences = 200
