@@ -231,29 +231,40 @@ def evaluate_encoder_split(
     on masks fixed per batch. `mesh` as in `evaluate_split`.
     """
     batches = _batches(source, tokenizer, options, mesh, encoder_only=True)
-    result = _loss(model, params, batches, masking)
-    if masking is None:
-        labels, predicted = _classify(model, params, batches)
-        result.update(accuracy=float(np.mean(labels == predicted)))
-        result.update(macro_f1=macro_f1(labels, predicted, model.config.num_labels))
-    return result
+    if masking is not None:
+        return _loss(model, params, batches, masking)
+    labels, predicted, nll = _classify(model, params, batches)
+    return dict(
+        nll=float(np.mean(nll)),
+        perplexity=float(np.exp(min(np.mean(nll), 50.0))),
+        accuracy=float(np.mean(labels == predicted)),
+        macro_f1=macro_f1(labels, predicted, model.config.num_labels),
+    )
 
 
 @functools.cache
 def _jitted_classify(model: nn.Module):
-    return jax.jit(lambda params, inputs: jax.numpy.argmax(model.apply(params, inputs), -1))
+    """(params, inputs [B, S], labels [B]) -> (predicted class [B], nll of the label [B])."""
+
+    def classify(params: Any, inputs: jax.Array, labels: jax.Array):
+        log_probs = jax.nn.log_softmax(model.apply({"params": params}, inputs))  # [B, C]
+        nll = -jax.numpy.take_along_axis(log_probs, jax.numpy.maximum(labels, 0)[:, None], 1)
+        return jax.numpy.argmax(log_probs, -1), nll[:, 0]
+
+    return jax.jit(classify)
 
 
 def _classify(model: nn.Module, params: Any, batches: Iterable[Batch]) -> tuple[np.ndarray, ...]:
-    """(labels, predicted classes) of every real example, in split order."""
+    """(labels, predicted classes, nll of the label) of every real example, in split order:
+    one forward pass gives the loss and the predictions."""
     classify = _jitted_classify(model)
-    found: dict[int, tuple[int, int]] = {}
+    found: dict[int, tuple[float, ...]] = {}
     for batch in batches:
-        predicted = generate.to_host(classify({"params": params}, batch["inputs"]))
-        rows = zip(*generate.to_host((batch["index"], batch["label"])), predicted, strict=True)
-        found.update({int(i): (int(y), int(p)) for i, y, p in rows if i >= 0})
-    pairs = np.array([found[i] for i in sorted(found)]).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
+        out = classify(params, batch["inputs"], batch["label"])
+        rows = zip(*generate.to_host((batch["index"], batch["label"], *out)), strict=True)
+        found.update({int(i): (y, p, n) for i, y, p, n in rows if i >= 0})
+    rows = np.array([found[i] for i in sorted(found)]).reshape(-1, 3)
+    return rows[:, 0].astype(int), rows[:, 1].astype(int), rows[:, 2]
 
 
 def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_labels: int) -> float:

@@ -222,13 +222,11 @@ def _loss_sums(
         inputs = _sampled_inputs(params, batch, sampling_rng, model, options.sampling, step)
     logits = model.apply({"params": params}, **inputs, deterministic=False, rngs={"dropout": rng})
     weights = (batch["targets"] != model.config.pad_id).astype(jnp.float32)
-    losses, nlls, hits = token_scores(logits, batch["targets"], options.label_smoothing)
-    loss = jnp.sum(losses * weights)
+    loss, metrics = _sums(logits, batch["targets"], weights, options.label_smoothing)
     if options.distill is not None:
         teacher = distill_lib.teacher_logits(options.distill, teacher_params, inputs)
         loss = distill_lib.loss_sum(options.distill, logits, teacher, loss, weights)
-    metrics = dict(loss=loss, nll=jnp.sum(nlls * weights), tokens=jnp.sum(weights))
-    return loss, metrics | dict(correct=jnp.sum(hits * weights))
+    return loss, metrics | dict(loss=loss)
 
 
 def _sums(
@@ -363,17 +361,14 @@ def eval_step(
     """
     if "label" in batch:
         _, metrics = _classifier_sums(params, batch, None, model, 0.0)
-        return {k: metrics[k] for k in ("nll", "tokens", "correct")}
-    if masking is not None:
+    elif masking is not None:
         options = StepOptions(masking=masking)
         _, metrics = _masked_lm_sums(params, batch, rng, model, options, deterministic=True)
-        return {k: metrics[k] for k in ("nll", "tokens", "correct")}
-    logits = model.apply({"params": params}, **model_inputs(batch))
-    weights = (batch["targets"] != model.config.pad_id).astype(jnp.float32)
-    _, nlls, hits = token_scores(logits, batch["targets"])
-    return dict(
-        nll=jnp.sum(nlls * weights), tokens=jnp.sum(weights), correct=jnp.sum(hits * weights)
-    )
+    else:
+        logits = model.apply({"params": params}, **model_inputs(batch))
+        weights = (batch["targets"] != model.config.pad_id).astype(jnp.float32)
+        _, metrics = _sums(logits, batch["targets"], weights, 0.0)
+    return {k: metrics[k] for k in ("nll", "tokens", "correct")}
 
 
 def _init_state(
