@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     translate.add_argument(
         "--show-probs", type=int, default=0, metavar="K", help="print top-K per step"
     )
+    translate.add_argument(
+        "--plot-attention",
+        default=None,
+        metavar="FILE",
+        help="draw the first translation's cross-attention to FILE (.png, .svg or .pdf)",
+    )
+    translate.add_argument(
+        "--plot-layer", type=int, default=-1, metavar="N", help="decoder layer, 0 first; -1: last"
+    )
+    translate.add_argument(
+        "--plot-heads",
+        choices=("mean", "all"),
+        default="mean",
+        help="the mean over the layer's heads, or one panel per head",
+    )
 
     evaluate = commands.add_parser("evaluate", help="translate a split and score it")
     restore_args(evaluate)
@@ -222,16 +237,51 @@ def probability_table(translation) -> str:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    plot = args.plot_attention is not None
+    if plot:
+        _check_plot(args.plot_attention)
     sentences, progress = _lines(args)  # a bad file fails before the checkpoint is restored
+    if plot and not sentences:
+        raise CommandError("--plot-attention: no sentence to translate", status=2)
     translator = _translator(args)
+    layers = translator.config.decoder_layers
+    if plot and not -layers <= args.plot_layer < layers:
+        message = f"--plot-layer {args.plot_layer}: the decoder has layers 0-{layers - 1}"
+        raise CommandError(message, status=2)
     stream = translator.translate_stream(
-        sentences, beam_size=args.beam, alpha=args.alpha, num_top=args.show_probs
+        sentences,
+        beam_size=args.beam,
+        alpha=args.alpha,
+        num_top=args.show_probs,
+        attention=plot,  # one teacher-forced pass per decoded batch
     )
-    for translation in tqdm(stream, total=len(sentences), desc="translate", disable=not progress):
+    for i, translation in enumerate(
+        tqdm(stream, total=len(sentences), desc="translate", disable=not progress)
+    ):
         print(translation.text, flush=True)
         if args.show_probs:
             print(probability_table(translation), end="\n\n")
+        if plot and i == 0:
+            from tfjax.plot import attention_heatmap
+
+            path = attention_heatmap(
+                translation.attention,
+                args.plot_attention,
+                layer=args.plot_layer,
+                heads=args.plot_heads,
+            )
+            print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _check_plot(path: str) -> None:
+    """Refuse a --plot-attention path that cannot be written, before any model work."""
+    from tfjax.plot import check_path
+
+    try:
+        check_path(path)
+    except ValueError as e:
+        raise CommandError(f"--plot-attention {e}", status=2) from e
 
 
 def _pipeline(args: argparse.Namespace) -> int:

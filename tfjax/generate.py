@@ -4,6 +4,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,14 +197,74 @@ def score(
     Returns:
       [B, T] float32 log p(targets[:, t] | source, bos, targets[:, :t]); 0 at padding.
     """
-    # [B, T] -> [B, T]: bos, then the targets shifted right by one.
-    decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=spec.bos_id)
-    logits = model.apply({"params": params}, inputs, decoder_inputs)  # [B, T, V]
+    logits = model.apply({"params": params}, inputs, _shifted(targets, spec.bos_id))  # [B, T, V]
     # Position t is processed as decode step t, with the targets as the tokens before it.
     process = functools.partial(spec.next_logits, history=targets)
     steps = jnp.arange(targets.shape[1])  # [T]
     logits = jax.vmap(process, in_axes=(1, 0), out_axes=1)(logits, steps)  # [B, T, V]
     return decode.target_log_probs(logits, targets, pad_id=spec.pad_id)
+
+
+def _shifted(targets: jax.Array, bos_id: int) -> jax.Array:
+    """The decoder's teacher-forced inputs: bos, then targets [B, T] shifted right -> [B, T]."""
+    return jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=bos_id)
+
+
+@flax.struct.dataclass
+class AttentionWeights:
+    """Attention probabilities of a teacher-forced pass, float32, stacked over layers.
+
+    Row t of `decoder_self` and `cross` is the decoder's attention while predicting
+    targets[:, t] (its input there is bos or targets[:, t - 1]).
+    """
+
+    encoder: jax.Array  # [B, encoder layers, H, S, S] encoder self-attention
+    decoder_self: jax.Array  # [B, decoder layers, H, T, T] causal: 0 above the diagonal
+    cross: jax.Array  # [B, decoder layers, H, T, S] encoder–decoder attention
+
+
+@functools.partial(jax.jit, static_argnames=("model", "bos_id"))
+def attention_weights(
+    model: Transformer,
+    params: Params,
+    inputs: jax.Array,
+    targets: jax.Array,
+    *,
+    bos_id: int = BOS_ID,
+) -> AttentionWeights:
+    """Every layer's and head's attention probabilities over given targets, teacher-forced.
+
+    The decoder is causal and deterministic, so for a decoder's own output (greedy's, or the
+    chosen beam's) these are, row by row, the weights its decode steps used. The pass applies
+    the model with mutable=["intermediates"], which switches `Attention` to its recording
+    path; nothing else compiles differently.
+
+    Args:
+      model, params: as in `translate_greedy`.
+      inputs: [B, S] int source ids; pad_id positions get weight 0.
+      targets: [B, T] int target ids, eos included, pad_id after the end; the decoder sees
+        bos_id + targets[:, :-1], as in `score`.
+      bos_id: the decoder's start token.
+
+    Returns:
+      An `AttentionWeights` of [B, layers, H, ...] arrays.
+    """
+    _, state = model.apply(
+        {"params": params}, inputs, _shifted(targets, bos_id), mutable=["intermediates"]
+    )
+    recorded = state["intermediates"]
+    cfg = model.config
+
+    def stacked(stack: str, layers: int, sublayer: str) -> jax.Array:
+        # Each layer sows once per pass: the tuple `sow` appends to holds one [B, H, ., .].
+        per_layer = [recorded[stack][f"layer_{i}"][sublayer]["weights"][0] for i in range(layers)]
+        return jnp.stack(per_layer, axis=1)  # [B, layers, H, ., .]
+
+    return AttentionWeights(
+        encoder=stacked("encoder", cfg.num_layers, "self_attention"),
+        decoder_self=stacked("decoder", cfg.decoder_layers, "self_attention"),
+        cross=stacked("decoder", cfg.decoder_layers, "cross_attention"),
+    )
 
 
 def to_host(tree: Any) -> Any:

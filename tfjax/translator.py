@@ -24,6 +24,22 @@ from tfjax.model import Transformer, TransformerConfig
 LENGTH_BUCKET = 16  # lengths are padded up to a multiple of this
 
 
+# eq=False: the arrays would make == ambiguous; attentions compare by identity.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Attention:
+    """One sentence pair's attention weights, from a teacher-forced pass over its target.
+
+    For a decoded translation the pass runs over its own tokens, and as the decoder is causal
+    and deterministic these are the weights its decode steps used. Row t is the decoder
+    predicting target piece t.
+    """
+
+    source_pieces: list[str]  # the S source pieces, eos included
+    target_pieces: list[str]  # the T target (translation) pieces, eos included
+    cross: np.ndarray  # float32 [layers, heads, T, S] encoder–decoder attention
+    decoder_self: np.ndarray  # float32 [layers, heads, T, T] causal decoder self-attention
+
+
 @dataclasses.dataclass(frozen=True)
 class Translation:
     """One output sentence with its step-by-step probabilities."""
@@ -34,6 +50,7 @@ class Translation:
     score: float  # sum of log_probs (beam search: also length-penalised in `penalised`)
     penalised: float | None  # beam search's length-penalised score; None for greedy
     alternatives: list[list[tuple[str, float]]]  # per step: top-k (piece, probability)
+    attention: Attention | None = None  # with translate(..., attention=True); else None
 
 
 def bucket(n: int, limit: int) -> int:
@@ -122,14 +139,17 @@ class Translator:
         beam_size: int = 1,
         alpha: float = 0.6,
         num_top: int = 0,
+        attention: bool = False,
         **controls: Any,
     ) -> Iterator[Translation]:
         """Translations in order, each batch's as soon as it is decoded. The arguments and
         every sentence are checked (empty ones refused) here, before the first is translated.
 
-        num_top beyond the vocabulary is clamped to it, with a warning. `controls`: the
-        decoding controls of `generate.decode_best` (min_length, no_repeat_ngram_size,
-        early_stopping) and max_decode_len (at most the translator's own).
+        num_top beyond the vocabulary is clamped to it, with a warning. attention: attach
+        each translation's `Attention`, from one teacher-forced pass per decoded batch over
+        the tokens chosen. `controls`: the decoding controls of `generate.decode_best`
+        (min_length, no_repeat_ngram_size, early_stopping) and max_decode_len (at most the
+        translator's own).
         """
         controls = self._controls(controls)
         if beam_size < 1:
@@ -143,7 +163,7 @@ class Translator:
             )
             num_top = vocab
         ids = self._encode(sentences, self.max_source_len)
-        return self._decode(ids, beam_size, alpha, num_top, controls)
+        return self._decode(ids, beam_size, alpha, num_top, attention, controls)
 
     def _controls(self, controls: dict[str, Any]) -> dict[str, Any]:
         """The decoding controls checked, with max_decode_len filled in."""
@@ -164,6 +184,7 @@ class Translator:
         beam_size: int,
         alpha: float,
         num_top: int,
+        attention: bool,
         controls: dict[str, Any],
     ) -> Iterator[Translation]:
         """Decodes checked, encoded sentences batch by batch."""
@@ -177,7 +198,25 @@ class Translator:
                 num_top=num_top,
                 **controls,
             )
-            yield from (self._translation(out, r, beam_size > 1) for r in range(len(rows)))
+            chosen = [out.tokens[r, : int(out.lengths[r])] for r in range(len(rows))]
+            sources = [ids[i] for i in rows]
+            weights = self._attention_batch(inputs, sources, chosen) if attention else None
+            for r, w in enumerate(weights or [None] * len(rows)):
+                yield self._translation(out, r, beam_size > 1, w)
+
+    def warm_up(self) -> int:
+        """Compiles the greedy decoder for every bucket a request can land in (1, 2, 4, ...,
+        max_batch rows by every length bucket up to max_source_len), so that no request
+        waits for a compile; returns how many shapes that is."""
+        lengths = sorted({len(padded([np.zeros(n)], 1, self.max_source_len)[0])
+                          for n in range(1, self.max_source_len + 1)})  # fmt: skip
+        rows = sorted({bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
+        controls = {"max_decode_len": self.max_decode_len}
+        for r in rows:
+            for length in lengths:
+                ids = [np.full(length, EOS_ID, np.int32)] * r  # the content does not matter
+                list(self._decode(ids, 1, 0.6, 0, False, controls))
+        return len(rows) * len(lengths)
 
     def translate(
         self,
@@ -186,15 +225,20 @@ class Translator:
         beam_size: int = 1,
         alpha: float = 0.6,
         num_top: int = 0,
+        attention: bool = False,
         **controls: Any,
     ) -> list[Translation]:
         """Translate sentences (greedy when beam_size == 1); num_top alternatives per step;
-        `controls` as in `translate_stream`."""
-        return list(
-            self.translate_stream(
-                sentences, beam_size=beam_size, alpha=alpha, num_top=num_top, **controls
-            )
+        attention and `controls` as in `translate_stream`."""
+        stream = self.translate_stream(
+            sentences,
+            beam_size=beam_size,
+            alpha=alpha,
+            num_top=num_top,
+            attention=attention,
+            **controls,
         )
+        return list(stream)
 
     def evaluate(
         self,
@@ -233,7 +277,9 @@ class Translator:
             else f"<id {token_id}>"
         )
 
-    def _translation(self, out: Any, row: int, beam: bool) -> Translation:
+    def _translation(
+        self, out: Any, row: int, beam: bool, attention: Attention | None
+    ) -> Translation:
         length = int(out.lengths[row])
         ids = [int(i) for i in out.tokens[row, :length]]
         alternatives = [
@@ -250,6 +296,7 @@ class Translator:
             score=float(np.sum(log_probs)),
             penalised=float(out.scores[row]) if beam else None,
             alternatives=alternatives,
+            attention=attention,
         )
 
     def score(
@@ -271,3 +318,37 @@ class Translator:
                 pieces = [self.tokenizer.piece(int(i)) for i in t]
                 results.append(list(zip(pieces, log_probs[row, : len(t)].tolist(), strict=True)))
         return results
+
+    def attention(self, sources: Sequence[str], targets: Sequence[str]) -> list[Attention]:
+        """Teacher-forced attention weights of each (source, target) pair; see `Attention`."""
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        source_ids = self._encode(sources, self.max_source_len)
+        target_ids = self._encode(targets, self.max_decode_len)
+        results = []
+        for rows, inputs in self._batches(source_ids):
+            chunk = [target_ids[r] for r in rows]
+            results += self._attention_batch(inputs, [source_ids[r] for r in rows], chunk)
+        return results
+
+    def _attention_batch(
+        self, inputs: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarray]
+    ) -> list[Attention]:
+        """One `generate.attention_weights` call on a bucketed batch, trimmed per sentence.
+
+        Args:
+          inputs: [rows, S] source ids as `_batches` pads them (rows >= len(sources)).
+          sources, targets: each sentence's source and target ids, eos included.
+        """
+        # Targets padded like the sources, to a LENGTH_BUCKET multiple: few compilations.
+        tgt = padded(targets, inputs.shape[0], self.max_decode_len)  # [rows, T]
+        weights = generate.to_host(generate.attention_weights(self.model, self.params, inputs, tgt))
+        return [
+            Attention(
+                source_pieces=[self._piece(int(i)) for i in s],
+                target_pieces=[self._piece(int(i)) for i in t],
+                cross=weights.cross[row, :, :, : len(t), : len(s)],
+                decoder_self=weights.decoder_self[row, :, :, : len(t), : len(t)],
+            )
+            for row, (s, t) in enumerate(zip(sources, targets, strict=True))
+        ]

@@ -31,7 +31,14 @@ class DecodePosition(NamedTuple):
 
 
 class Attention(nn.Module):
-    """Multi-head scaled dot-product attention; self- or encoder–decoder, with a decode cache."""
+    """Multi-head scaled dot-product attention; self- or encoder–decoder, with a decode cache.
+
+    A teacher-forced pass applied with mutable=["intermediates"] sows each layer's attention
+    probabilities as "weights", float32 [B, H, T, S] (`tfjax.generate.attention_weights`
+    stacks them). Decode steps never record: the decoder being causal and deterministic, a
+    teacher-forced pass over bos plus a hypothesis's tokens gives, row by row, the weights
+    each decode step of that hypothesis used.
+    """
 
     config: TransformerConfig
     cross: bool = False  # encoder–decoder attention: keys and values come from the encoder
@@ -150,7 +157,11 @@ class Attention(nn.Module):
     def _attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, deterministic: bool
     ) -> jax.Array:
-        """softmax(q k^T / sqrt(K)) v with `mask`; [B, T, H, K] x [B, S, H, K] -> [B, T, H, K]."""
+        """softmax(q k^T / sqrt(K)) v with `mask`; [B, T, H, K] x [B, S, H, K] -> [B, T, H, K].
+
+        Deterministic passes applied with mutable=["intermediates"] also record the attention
+        probabilities (see `_attend_recorded`); passes with attention dropout do not.
+        """
         cfg = self.config
         q, k, v = (constrain(a, (BATCH, LENGTH, HEADS, KV)) for a in (q, k, v))
         if cfg.attention_dropout_rate > 0 and not deterministic:
@@ -165,8 +176,35 @@ class Attention(nn.Module):
                 deterministic=False,
                 dtype=cfg.dtype,
             )
+        if self.is_mutable_collection("intermediates"):
+            return self._attend_recorded(q, k, v, mask)
         # Picks fused kernels where the platform has them (cuDNN flash attention on GPU).
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+    def _attend_recorded(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+    ) -> jax.Array:
+        """`_attend` with its probabilities written out and sown as "intermediates"/"weights".
+
+        Taken only when the caller makes "intermediates" mutable (a trace-time check), so
+        training, scoring and decoding compile the fused path as before. The output is
+        computed from the sown probabilities, so the two always agree.
+
+        Args:
+          q: [B, T, H, K] queries; k, v: [B, S, H, K] keys and values.
+          mask: bool, broadcastable to [B, 1, T, S]; True where attention is allowed.
+        Returns:
+          [B, T, H, K]; sows float32 [B, H, T, S] (from `_grouped`: [B', H, beams * T, S]).
+        """
+        scale = 1.0 / np.sqrt(q.shape[-1])
+        scores = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            # The finite floor gives 0 weight to masked positions (and a uniform row, not NaN,
+            # to a row with nothing to attend to, such as a padded sentence of a batch).
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, H, T, S]
+        self.sow("intermediates", "weights", probs)
+        return jnp.einsum("BHTS,BSHK->BTHK", probs.astype(v.dtype), v)
 
 
 def _grouped(attend: Callable[..., jax.Array], q: jax.Array, k: jax.Array, *args) -> jax.Array:
