@@ -1,5 +1,7 @@
 """Which code a benchmark run measured, for the headers of benchmarks/RESULTS.md."""
 
+import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -19,3 +21,11 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
     return f"code at {commit}" + (" with local changes" if dirty else "")
+
+
+def machine() -> str:
+    """'x86_64, 2 cores, AVX-512': the architecture, core count and widest vector ISA."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "ISA unknown"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {isa}"

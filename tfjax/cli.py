@@ -24,7 +24,8 @@ _RECIPE_COMMANDS = ("train", "precompile")
 # The smallest value of each numeric argument of the other commands, checked before any work.
 _LOWEST = {
     "beam": 1, "batch": 1, "show_probs": 0, "last": 1, "min_length": 0,
-    "no_repeat_ngram_size": 0, "max_length": 1,
+    "no_repeat_ngram_size": 0, "max_length": 1, "max_batch": 1, "max_tokens": 1,
+    "max_queue": 1, "port": 0,
 }  # fmt: skip
 
 
@@ -110,6 +111,24 @@ def _parser() -> argparse.ArgumentParser:
     decoding_args(pipe)
     pipe.add_argument(
         "--show-probs", type=int, default=0, metavar="K", help="translation: top-K per step"
+    )
+
+    serve = commands.add_parser(
+        "serve", help="serve workdirs over HTTP with dynamic batching, a page and metrics"
+    )
+    serve.add_argument("--workdir", action="append", default=[], help="a workdir to serve")
+    serve.add_argument(
+        "--model", action="append", default=[], metavar="NAME=DIR", help="a named workdir"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080, help="0: any free port")
+    serve.add_argument("--max_batch", type=int, default=32, help="sentences per model call")
+    serve.add_argument("--max_tokens", type=int, default=4096, help="input pieces per call")
+    serve.add_argument("--max_wait_ms", type=float, default=5.0, help="wait for company")
+    serve.add_argument("--max_queue", type=int, default=256, help="queued requests before 429")
+    serve.add_argument("--timeout", type=float, default=60.0, help="seconds before 504")
+    serve.add_argument(
+        "--warmup", action="store_true", help="compile every batch size before listening"
     )
 
     average = commands.add_parser("average", help="average the last K checkpoints' parameters")
@@ -450,6 +469,40 @@ def _search_batch(config, target, train) -> str:
     return "\n".join(lines)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Load every workdir, then serve them until SIGTERM or Ctrl-C."""
+    named = []
+    for entry in args.model:
+        name, sep, workdir = entry.partition("=")
+        if not sep or not name or not workdir:
+            raise CommandError(f"--model {entry!r}: expected NAME=DIR", status=2)
+        named.append((name, workdir))
+    named += [(os.path.basename(os.path.normpath(w)), w) for w in args.workdir]
+    if not named:
+        raise CommandError("nothing to serve: give --workdir DIR or --model NAME=DIR", status=2)
+    if args.max_wait_ms < 0 or args.timeout <= 0:
+        raise CommandError("--max_wait_ms must be >= 0 and --timeout > 0", status=2)
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.WARNING)
+    from tfjax import serve
+
+    served = []
+    for name, workdir in named:
+        print(f"loading {name} from {workdir}", file=sys.stderr, flush=True)
+        served.append(serve.load(name, workdir, max_batch=args.max_batch))
+    if args.warmup:
+        serve.warm_up(served)
+    config = serve.ServerConfig(
+        max_batch=args.max_batch,
+        max_tokens=args.max_tokens,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        timeout=args.timeout,
+    )
+    serve.run(serve.Server(served, config), args.host, args.port)
+    return 0
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """What a command may raise for bad input or a bad workdir, printed as one line."""
     from tfjax import checkpoint, recipe, trainer
@@ -491,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "average": _average,
         "distill-data": _distill_data,
         "pipeline": _pipeline,
+        "serve": _serve,
     }
     try:
         if args.command in _RECIPE_COMMANDS:

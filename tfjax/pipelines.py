@@ -51,21 +51,37 @@ def pipeline(
     name = "translation" if task.startswith("translation_") else task
     if name not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be at least 1")
-    cfg, params, tokenizer_bytes, meta = checkpoint.restore_for_inference(workdir, step, best=best)
-    trained = recipe.task(ml_collections.ConfigDict(meta["train"]))
+    trained, pipe = from_workdir(workdir, batch_size=batch_size, step=step, best=best)
     if trained != TASKS[name]:
         raise ValueError(
             f"{workdir} holds a {trained} model; the {task!r} pipeline needs a "
             f"{TASKS[name]} workdir"
         )
+    return pipe
+
+
+def from_workdir(
+    workdir: str,
+    *,
+    batch_size: int = 32,
+    step: int | None = None,
+    best: bool = False,
+) -> tuple[str, FillMaskPipeline | TextClassificationPipeline | TranslationPipeline]:
+    """(the training task, its pipeline) of whatever `workdir` holds; arguments as `pipeline`.
+
+    Training tasks map to pipelines: masked_lm -> fill-mask, classification ->
+    text-classification, translation, summarization.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    cfg, params, tokenizer_bytes, meta = checkpoint.restore_for_inference(workdir, step, best=best)
+    trained = recipe.task(ml_collections.ConfigDict(meta["train"]))
     tokenizer = Tokenizer(tokenizer_bytes)
     max_len = meta["train"].get("max_source_len") or cfg.max_len
-    if name in ("translation", "summarization"):
+    if trained in ("translation", "summarization"):
         # A summary's default length limit is the training one (HF's max_length); a
         # translation's is the Translator's, as `python -m tfjax translate` uses.
-        longest = meta["train"]["max_target_len"] if name == "summarization" else 128
+        longest = meta["train"]["max_target_len"] if trained == "summarization" else 128
         translator = Translator(
             cfg,
             params,
@@ -74,10 +90,10 @@ def pipeline(
             max_decode_len=longest,
             max_batch=batch_size,
         )
-        kind = TranslationPipeline if name == "translation" else SummarizationPipeline
-        return kind(translator)
-    kind = FillMaskPipeline if name == "fill-mask" else TextClassificationPipeline
-    return kind(cfg, params, tokenizer, max_len=max_len, batch_size=batch_size, meta=meta)
+        kind = TranslationPipeline if trained == "translation" else SummarizationPipeline
+        return trained, kind(translator)
+    kind = FillMaskPipeline if trained == "masked_lm" else TextClassificationPipeline
+    return trained, kind(cfg, params, tokenizer, max_len=max_len, batch_size=batch_size, meta=meta)
 
 
 def _texts(inputs: str | Sequence[str]) -> tuple[list[str], bool]:

@@ -1,0 +1,223 @@
+"""Load test of `python -m tfjax serve` on loopback: dynamic batching against one request per
+decoder call, backpressure at a small queue, and memory over a long run.
+
+  python benchmarks/serve_load.py --workdir=/tmp/m30k-de-en \
+      [--sentences=MULTI30K/test_2016_flickr.de] [--seconds=20] [--soak_seconds=300]
+
+Two servers run the same workdir side by side: batched (--max_batch 32, 5 ms wait) and
+unbatched (--max_batch 1). For 1, 8, 32 and 128 concurrent clients, each sending single
+sentences of 1-40 words (cut from --sentences, or from a built-in word list) back to back
+for --seconds, each server in turn: requests/s, generated tokens/s, p50/p99 latency, errors
+and wrong answers (a response that differs from the offline `Translator`'s greedy output for
+its input). Then 128 clients against a batched server with a 16-request queue (429s and how
+fast they come back), and --soak_seconds of 32 clients against the batched server with its
+RSS after warm-up and at the end. Printed and appended to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jax
+import numpy as np
+import provenance
+from absl import app, flags
+
+from tfjax import cli
+from tfjax.translator import Translator
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a translation workdir", required=True)
+_SENTENCES = flags.DEFINE_string("sentences", None, "source lines to cut requests from")
+_SECONDS = flags.DEFINE_float("seconds", 20.0, "seconds per (server, clients) measurement")
+_SOAK = flags.DEFINE_float("soak_seconds", 300.0, "seconds of the memory run; 0 skips it")
+_POOL = flags.DEFINE_integer("pool", 400, "distinct request sentences")
+_CLIENTS = (1, 8, 32, 128)
+WORDS = "ein mann fährt fahrrad eine frau liest ein buch zwei kinder spielen im park".split()
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+class ServerProcess:
+    """`python -m tfjax serve` in a subprocess, its URL read from the line it prints."""
+
+    def __init__(self, workdir: str, *flags_: str) -> None:
+        command = [sys.executable, "-m", "tfjax", "serve", f"--model=m={workdir}", "--port=0",
+                   "--warmup", *flags_]  # fmt: skip
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        for line in self.process.stderr:
+            self.log.append(line)
+            if line.startswith("serving on "):
+                self.url = line.split()[-1]
+                break
+        else:
+            raise RuntimeError("the server did not start:\n" + "".join(self.log[-20:]))
+        # Keep draining stderr, so that the server never blocks on a full pipe.
+        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=120)
+
+
+def request_pool(rng: np.random.Generator, translator: Translator) -> list[str]:
+    """_POOL sentences of 1-40 words, consecutive words of the source text, each cut to the
+    pieces the model reads (a longer one would be refused with 422)."""
+    if _SENTENCES.value:
+        words = Path(_SENTENCES.value).read_text("utf-8").split()
+    else:
+        words = list(rng.choice(WORDS, size=20_000))
+    pool = []
+    for _ in range(_POOL.value):
+        n = int(rng.integers(1, 41))
+        start = int(rng.integers(0, len(words) - n))
+        while len(translator.tokenizer.encode(" ".join(words[start : start + n]))) > (
+            translator.max_source_len
+        ):
+            n -= 1
+        pool.append(" ".join(words[start : start + n]))
+    return pool
+
+
+async def load(url: str, clients: int, seconds: float, pool: list[str], expected: dict) -> dict:
+    """`clients` concurrent clients sending pool sentences back to back for `seconds`."""
+    latencies, statuses, tokens, wrong, fast_429 = [], [], 0, 0, []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        stop = time.perf_counter() + seconds
+
+        async def one_client(k: int) -> None:
+            nonlocal tokens, wrong
+            i = k
+            while time.perf_counter() < stop:
+                text = pool[i % len(pool)]
+                i += clients
+                tick = time.perf_counter()
+                try:
+                    response = await client.post("/v1/translate", json={"text": text})
+                except httpx.HTTPError:
+                    statuses.append("error")
+                    continue
+                took = time.perf_counter() - tick
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    latencies.append(took)
+                    answer = response.json()["translations"][0]
+                    tokens += len(answer["pieces"])
+                    wrong += answer["text"] != expected[text]
+                elif response.status_code == 429:
+                    fast_429.append(took)
+                    await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client(k) for k in range(clients)))
+        elapsed = time.perf_counter() - start
+    ok = sum(s == 200 for s in statuses)
+    return dict(
+        rps=ok / elapsed,
+        tokens=tokens / elapsed,
+        p50=float(np.percentile(latencies, 50)) if latencies else float("nan"),
+        p99=float(np.percentile(latencies, 99)) if latencies else float("nan"),
+        errors=sum(s not in (200, 429) for s in statuses),
+        rejected=sum(s == 429 for s in statuses),
+        p99_429=float(np.percentile(fast_429, 99)) if fast_429 else float("nan"),
+        wrong=wrong,
+        requests=len(statuses),
+    )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cli.quiet_library_logs()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
+    translator = Translator.from_workdir(_WORKDIR.value, max_batch=32)
+    pool = request_pool(np.random.default_rng(0), translator)
+    expected = dict(zip(pool, (t.text for t in translator.translate(pool)), strict=True))
+    batched = ServerProcess(_WORKDIR.value, "--max_batch=32", "--max_wait_ms=5")
+    unbatched = ServerProcess(_WORKDIR.value, "--max_batch=1")
+    rows = []
+    for clients in _CLIENTS:
+        for name, server in (("batched", batched), ("unbatched", unbatched)):
+            result = asyncio.run(load(server.url, clients, _SECONDS.value, pool, expected))
+            rows.append((clients, name, result))
+            print(clients, name, result, flush=True)
+    unbatched_status = unbatched.stop()
+    small = ServerProcess(_WORKDIR.value, "--max_batch=32", "--max_wait_ms=5", "--max_queue=16")
+    overload = asyncio.run(load(small.url, 128, _SECONDS.value, pool, expected))
+    print("small queue", overload, flush=True)
+    small_status = small.stop()
+    soak = None
+    if _SOAK.value > 0:
+        asyncio.run(load(batched.url, 32, 30.0, pool, expected))  # warm-up
+        after_warmup = batched.rss_mib()
+        result = asyncio.run(load(batched.url, 32, _SOAK.value, pool, expected))
+        soak = (after_warmup, batched.rss_mib(), result)
+        print("soak", soak, flush=True)
+    batched_status = batched.stop()
+    print_table(rows, overload, soak, (batched_status, unbatched_status, small_status))
+
+
+def print_table(rows, overload: dict, soak, statuses) -> None:
+    machine = provenance.machine()
+    by = {(c, n): r for c, n, r in rows}
+    lines = [
+        f"### serve_load: dynamic batching on loopback ({datetime.date.today()})",
+        f"machine: {machine}; {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"versions: jax {jax.__version__}, python {platform.python_version()}; "
+        f"{provenance.code_version()}; workdir {Path(_WORKDIR.value).name}; "
+        f"{_SECONDS.value:g} s per row; exit statuses after SIGTERM {statuses}",
+        "",
+        "| clients | server | requests/s | generated tokens/s | p50 ms | p99 ms | errors | wrong "
+        "| reference: unbatched requests/s | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (clients, name), r in by.items():
+        ref = by[clients, "unbatched"]["rps"]
+        lines.append(
+            f"| {clients} | {name} | {r['rps']:.1f} | {r['tokens']:.0f} | {1000 * r['p50']:.0f} "
+            f"| {1000 * r['p99']:.0f} | {r['errors']} | {r['wrong']} | {ref:.1f} "
+            f"| {r['rps'] / ref:.2f} |"
+        )
+    o = overload
+    served = o["requests"] - o["rejected"] - o["errors"]
+    lines += [
+        "",
+        "| workload | requests | served | 429 | p99 ms of a 429 | errors | wrong | requests/s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| 128 clients, batched, queue 16 | {o['requests']} | {served} | {o['rejected']} "
+        f"| {1000 * o['p99_429']:.1f} | {o['errors']} | {o['wrong']} | {o['rps']:.1f} |",
+    ]
+    if soak:
+        before, after, r = soak
+        lines += [
+            "",
+            "| workload | RSS after warm-up MiB | RSS at end MiB | end / warm-up | requests | "
+            "errors | wrong |",
+            "|---|---|---|---|---|---|---|",
+            f"| {_SOAK.value:g} s, 32 clients, batched | {before:.0f} | {after:.0f} | "
+            f"{after / before:.3f} | {r['requests']} | {r['errors']} | {r['wrong']} |",
+        ]
+    print("\n".join(lines))
+    with RESULTS.open("a") as f:
+        f.write("\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    app.run(main)

@@ -1,0 +1,64 @@
+"""`python -m tfjax serve`: trained workdirs behind an HTTP server with dynamic batching.
+
+`Server` holds the models and their batchers, `create_app` makes the Starlette app, `run`
+serves it with uvicorn until SIGTERM or Ctrl-C, after which in-flight requests are answered
+before the process exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from tfjax.serve.app import Server, ServerConfig, create_app
+from tfjax.serve.batching import Batcher, Job, QueueFull
+from tfjax.serve.models import Served, load
+
+__all__ = [
+    "Batcher",
+    "Job",
+    "QueueFull",
+    "Served",
+    "Server",
+    "ServerConfig",
+    "create_app",
+    "load",
+    "run",
+    "warm_up",
+]
+
+
+def warm_up(served: Sequence[Served]) -> None:
+    """Compile each translation model's greedy decoder for every batch and length bucket
+    (`Translator.warm_up`) before the first request."""
+    for m in served:
+        if m.seq2seq:
+            shapes = m.translator.warm_up()
+            print(f"{m.name}: compiled {shapes} decoder shapes", file=sys.stderr, flush=True)
+
+
+def run(server: Server, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve until SIGTERM or SIGINT, then answer what is in flight and return.
+
+    The socket is bound and listening before this prints "serving on http://HOST:PORT" (the
+    real port when port is 0), so a client may connect as soon as it reads the line.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+    sock.listen(2048)
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=None)
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully, which
+    # under the default SIGTERM handler would end the process with status 143; with this
+    # handler in place the shutdown it already did is the whole answer to SIGTERM.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    print(f"serving on http://{host}:{bound}", file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
