@@ -1,5 +1,5 @@
-"""`python -m tfjax train|translate|evaluate|pipeline|average|distill-data|precompile`: the
-command line.
+"""`python -m tfjax train|translate|evaluate|pipeline|serve|average|distill-data|precompile`:
+the command line.
 
 Every command is parsed here, with argparse; the two that take a recipe (`train`,
 `precompile`) read `--config=FILE` plus `--config.KEY=VALUE` overrides through
@@ -524,7 +524,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name, lowest in _LOWEST.items():
         value = getattr(args, name, None)
         if value is not None and value < lowest:
-            flag = "--" + name.replace("_", "-")
+            flag = "--show-probs" if name == "show_probs" else f"--{name}"  # as spelt
             raise CommandError(f"{flag} {value}: must be at least {lowest}", status=2)
 
 
