@@ -125,8 +125,19 @@ async def load(url: str, clients: int, seconds: float, pool: list[str], expected
                     fast_429.append(took)
                     await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
 
+        health = []
+
+        async def probe() -> None:
+            # /health on its own connection every 100 ms: does it answer under this load?
+            async with httpx.AsyncClient(base_url=url, timeout=120) as prober:
+                while time.perf_counter() < stop:
+                    tick = time.perf_counter()
+                    await prober.get("/health")
+                    health.append(time.perf_counter() - tick)
+                    await asyncio.sleep(0.1)
+
         start = time.perf_counter()
-        await asyncio.gather(*(one_client(k) for k in range(clients)))
+        await asyncio.gather(probe(), *(one_client(k) for k in range(clients)))
         elapsed = time.perf_counter() - start
     ok = sum(s == 200 for s in statuses)
     return dict(
@@ -139,6 +150,7 @@ async def load(url: str, clients: int, seconds: float, pool: list[str], expected
         p99_429=float(np.percentile(fast_429, 99)) if fast_429 else float("nan"),
         wrong=wrong,
         requests=len(statuses),
+        health_p99=float(np.percentile(health, 99)) if health else float("nan"),
     )
 
 
@@ -183,15 +195,16 @@ def print_table(rows, overload: dict, soak, statuses) -> None:
         f"{provenance.code_version()}; workdir {Path(_WORKDIR.value).name}; "
         f"{_SECONDS.value:g} s per row; exit statuses after SIGTERM {statuses}",
         "",
-        "| clients | server | requests/s | generated tokens/s | p50 ms | p99 ms | errors | wrong "
-        "| reference: unbatched requests/s | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| clients | server | requests/s | generated tokens/s | p50 ms | p99 ms | /health p99 ms "
+        "| errors | wrong | reference: unbatched requests/s | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (clients, name), r in by.items():
         ref = by[clients, "unbatched"]["rps"]
         lines.append(
             f"| {clients} | {name} | {r['rps']:.1f} | {r['tokens']:.0f} | {1000 * r['p50']:.0f} "
-            f"| {1000 * r['p99']:.0f} | {r['errors']} | {r['wrong']} | {ref:.1f} "
+            f"| {1000 * r['p99']:.0f} | {1000 * r['health_p99']:.1f} | {r['errors']} "
+            f"| {r['wrong']} | {ref:.1f} "
             f"| {r['rps'] / ref:.2f} |"
         )
     o = overload

@@ -136,6 +136,28 @@ def test_bad_requests_answer_422_with_a_message(server, body, message):
     assert message in got.json()["error"]
 
 
+ODD = [
+    b'{"text": "ein mann", "alpha": NaN}',
+    b'{"text": "ein mann", "beam": 1e308}',
+    b'{"text": "\\ud800"}',
+    b'{"text": "\\u0000 ein"}',
+    b'{"text": {"nested": ["x"]}}',
+    b'{"text": null, "model": null}',
+    b'{"text": "ein mann", "timeout": -1}',
+    b'{"text": "ein mann", "max_length": null}',
+    b"\xff\xfe",
+    b"",
+]
+
+
+@pytest.mark.parametrize("body", ODD, ids=[str(i) for i in range(len(ODD))])
+def test_odd_input_never_fails_the_server(server, body):
+    url, _ = server
+    got = post(url, "/v1/translate", body)
+    assert got.status_code in (200, 422), got.text
+    assert "Traceback" not in got.text and (got.status_code == 200 or got.json()["error"])
+
+
 def test_other_routes_refuse_cleanly(server):
     url, _ = server
     assert post(url, "/v1/pipeline/nope", {"inputs": "x"}).status_code == 404

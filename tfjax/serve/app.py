@@ -128,11 +128,9 @@ class Server:
                 routes["translate"] = models.translate_runner(m)
             for route, run in routes.items():
                 self.batchers[m.name, route] = self._batcher(m.name, run)
-                self.metrics.queue_length.labels(m.name).set_function(
-                    lambda name=m.name: sum(
-                        len(b) for (n, _), b in self.batchers.items() if n == name
-                    )  # fmt: skip
-                )
+            self.metrics.queue_length.labels(m.name).set_function(
+                lambda name=m.name: sum(len(b) for (n, _), b in self.batchers.items() if n == name)
+            )
         self.draining = False
 
     def _batcher(self, name: str, run: Runner) -> Batcher:
