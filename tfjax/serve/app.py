@@ -131,7 +131,6 @@ class Server:
             self.metrics.queue_length.labels(m.name).set_function(
                 lambda name=m.name: sum(len(b) for (n, _), b in self.batchers.items() if n == name)
             )
-        self.draining = False
 
     def _batcher(self, name: str, run: Runner) -> Batcher:
         c = self.config
@@ -146,7 +145,6 @@ class Server:
 
     def stop(self) -> None:
         """Finish queued work and end every batcher's worker."""
-        self.draining = True
         for batcher in self.batchers.values():
             batcher.stop()
 
@@ -282,8 +280,7 @@ def create_app(server: Server) -> Starlette:
 
     async def health(request: Request) -> Response:
         queued = sum(len(b) for b in server.batchers.values())
-        status = "draining" if server.draining else "ok"
-        return JSONResponse({"status": status, "queued": queued, "models": list(server.models)})
+        return JSONResponse({"status": "ok", "queued": queued, "models": list(server.models)})
 
     async def metrics_text(request: Request) -> Response:
         return Response(prom.generate_latest(metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
