@@ -58,11 +58,15 @@ def bucket(n: int, limit: int) -> int:
     return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
+def length_bucket(n: int, limit: int) -> int:
+    """The smallest multiple of LENGTH_BUCKET >= n, capped at limit."""
+    return min(-(-n // LENGTH_BUCKET) * LENGTH_BUCKET, limit)
+
+
 def padded(ids: Sequence[np.ndarray], rows: int, limit: int) -> np.ndarray:
     """Token rows -> int32 [rows, length], pad after each, length a multiple of
     LENGTH_BUCKET (at most `limit`) that holds the longest row."""
-    longest = max(len(x) for x in ids)
-    out = np.full((rows, min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, limit)), PAD_ID)
+    out = np.full((rows, length_bucket(max(len(x) for x in ids), limit)), PAD_ID)
     for row, x in enumerate(ids):
         out[row, : len(x)] = x[: out.shape[1]]
     return out.astype(np.int32)
@@ -208,8 +212,8 @@ class Translator:
         """Compiles the greedy decoder for every bucket a request can land in (1, 2, 4, ...,
         max_batch rows by every length bucket up to max_source_len), so that no request
         waits for a compile; returns how many shapes that is."""
-        lengths = sorted({len(padded([np.zeros(n)], 1, self.max_source_len)[0])
-                          for n in range(1, self.max_source_len + 1)})  # fmt: skip
+        limit = self.max_source_len
+        lengths = sorted({length_bucket(n, limit) for n in range(1, limit + 1)})
         rows = sorted({bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
         controls = {"max_decode_len": self.max_decode_len}
         for r in rows:
@@ -303,13 +307,8 @@ class Translator:
         self, sources: Sequence[str], targets: Sequence[str]
     ) -> list[list[tuple[str, float]]]:
         """Teacher-forced (piece, log-probability) of each target token, eos included."""
-        if len(sources) != len(targets):
-            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
-        source_ids = self._encode(sources, self.max_source_len)
-        target_ids = self._encode(targets, self.max_decode_len)
         results = []
-        for rows, inputs in self._batches(source_ids):
-            chunk = [target_ids[r] for r in rows]
+        for inputs, _, chunk in self._pairs(sources, targets):
             tgt = padded(chunk, inputs.shape[0], self.max_decode_len)
             log_probs = np.asarray(
                 generate.score(self.model, self.params, inputs, tgt, generate.translation_spec())
@@ -321,15 +320,22 @@ class Translator:
 
     def attention(self, sources: Sequence[str], targets: Sequence[str]) -> list[Attention]:
         """Teacher-forced attention weights of each (source, target) pair; see `Attention`."""
+        results = []
+        for inputs, source_chunk, target_chunk in self._pairs(sources, targets):
+            results += self._attention_batch(inputs, source_chunk, target_chunk)
+        return results
+
+    def _pairs(
+        self, sources: Sequence[str], targets: Sequence[str]
+    ) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
+        """Checked, encoded (source, target) pairs by batch: (inputs [rows, S] as `_batches`
+        pads them, the batch's source ids, its target ids)."""
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         source_ids = self._encode(sources, self.max_source_len)
         target_ids = self._encode(targets, self.max_decode_len)
-        results = []
         for rows, inputs in self._batches(source_ids):
-            chunk = [target_ids[r] for r in rows]
-            results += self._attention_batch(inputs, [source_ids[r] for r in rows], chunk)
-        return results
+            yield inputs, [source_ids[r] for r in rows], [target_ids[r] for r in rows]
 
     def _attention_batch(
         self, inputs: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarray]
@@ -342,13 +348,15 @@ class Translator:
         """
         # Targets padded like the sources, to a LENGTH_BUCKET multiple: few compilations.
         tgt = padded(targets, inputs.shape[0], self.max_decode_len)  # [rows, T]
-        weights = generate.to_host(generate.attention_weights(self.model, self.params, inputs, tgt))
+        weights = generate.attention_weights(self.model, self.params, inputs, tgt)
+        # Only what `Attention` keeps comes to the host: not the encoder's [rows, L, H, S, S].
+        cross, decoder_self = generate.to_host((weights.cross, weights.decoder_self))
         return [
             Attention(
                 source_pieces=[self._piece(int(i)) for i in s],
                 target_pieces=[self._piece(int(i)) for i in t],
-                cross=weights.cross[row, :, :, : len(t), : len(s)],
-                decoder_self=weights.decoder_self[row, :, :, : len(t), : len(t)],
+                cross=cross[row, :, :, : len(t), : len(s)],
+                decoder_self=decoder_self[row, :, :, : len(t), : len(t)],
             )
             for row, (s, t) in enumerate(zip(sources, targets, strict=True))
         ]
