@@ -160,10 +160,11 @@ def settings(given: Any, allowed: dict[str, tuple], where: str) -> tuple[tuple[s
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise BadRequest(f"{where}: unknown field(s) {unknown}; expected some of {sorted(allowed)}")
-    return tuple(
-        sorted((name, check(name, given.get(name, default)) if name in given else default)
-               for name, (check, default) in allowed.items())
-    )  # fmt: skip
+    values = {
+        name: check(name, given[name]) if name in given else default
+        for name, (check, default) in allowed.items()
+    }
+    return tuple(sorted(values.items()))
 
 
 def check_texts(model: Served, texts: Sequence[str], key: Hashable) -> int:
