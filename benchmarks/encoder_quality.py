@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import datetime
 import functools
-import platform
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from provenance import machine
 
 from tfjax import checkpoint, cli, evaluate, recipe
 from tfjax.data import BOS_ID, Tokenizer
@@ -51,11 +51,8 @@ QUALITY = Path(__file__).with_name("QUALITY.md")
 
 
 def _header() -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    flags_ = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "AVX-512" if "avx512f" in flags_ else "AVX2" if "avx2" in flags_ else "?"
     return [
-        f"machine: {cpu} ({isa}), {jax.device_count()} {jax.devices()[0].platform} device(s)",
+        f"machine: {machine()}, {jax.device_count()} {jax.devices()[0].platform} device(s)",
         f"versions: jax {jax.__version__}; {datetime.date.today()}",
     ]
 

@@ -13,13 +13,13 @@ would compile. Printed and appended to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import datetime
-import platform
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags
+from provenance import machine
 
 from tfjax import cli, pipelines
 
@@ -81,11 +81,9 @@ def main(argv: list[str]) -> None:
         longest = max(len(ids) + 1 for ids in fill.tokenizer.encode_batch(texts))
         shapes.add((mask, len(texts), min(longest, fill.max_len)))
     compiled = sum(f._cache_size() for f in jitted) - before
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "AVX-512" if "avx512f" in cpu else "AVX2" if "avx2" in cpu else "?"
     lines = [
         f"### pipelines: throughput and compile count ({datetime.date.today()})",
-        f"machine: {platform.machine()} ({isa}), {jax.device_count()} cpu device(s); "
+        f"machine: {machine()}, {jax.device_count()} cpu device(s); "
         f"versions: jax {jax.__version__}",
         "",
         "| workload | sentences/s |",

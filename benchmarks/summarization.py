@@ -14,12 +14,12 @@ printed and appended to benchmarks/QUALITY.md.
 from __future__ import annotations
 
 import datetime
-import platform
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags
+from provenance import machine
 
 from tfjax import cli, recipe
 from tfjax.evaluate import rouge
@@ -92,12 +92,10 @@ def main(argv: list[str]) -> None:
     table.append(_row(f"**{config.test_split}: {name}** (chosen on validation)", scores))
     lead = rouge([lead3(e["source"]) for e in test], [e["target"] for e in test])
     table.append(_row(f"{config.test_split}: LEAD-3", lead))
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "AVX-512" if "avx512f" in cpu else "AVX2" if "avx2" in cpu else "?"
     step = f"step {_STEP.value}" if _STEP.value else "latest checkpoint"
     lines = [
         f"### summarization: {Path(_WORKDIR.value).name}, {step} ({datetime.date.today()})",
-        f"machine: {platform.machine()} ({isa}), {jax.device_count()} "
+        f"machine: {machine()}, {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s); versions: jax {jax.__version__}",
         "",
         *table,
