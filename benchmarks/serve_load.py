@@ -1,16 +1,18 @@
-"""Load test of `python -m tfjax serve` on loopback: dynamic batching against one request per
-decoder call, backpressure at a small queue, and memory over a long run.
+"""Load test of `python -m tfjax serve` on loopback: continuous and whole-call batching against
+one request per decoder call, backpressure at a small queue, and memory over a long run.
 
   python benchmarks/serve_load.py --workdir=/tmp/m30k-de-en \
       [--sentences=MULTI30K/test_2016_flickr.de] [--seconds=20] [--soak_seconds=300]
 
-Two servers run the same workdir side by side: batched (--max_batch 32, 5 ms wait) and
-unbatched (--max_batch 1). For 1, 8, 32 and 128 concurrent clients, each sending single
-sentences of 1-40 words (cut from --sentences, or from a built-in word list) back to back
-for --seconds, each server in turn: requests/s, generated tokens/s, p50/p99 latency, errors
+Three servers run the same workdir side by side: continuous (--max_batch 32: greedy requests
+join the running rows between decoder steps), calls (--batching=calls: requests grouped into
+whole-batch decoder calls, 5 ms wait) and unbatched (--max_batch 1: one request per call).
+For 1, 8, 32 and 128 concurrent clients, each sending single sentences of 1-40 words (cut
+from --sentences, or from a built-in word list) back to back for --seconds, each server in
+turn: requests/s, generated tokens/s, p50/p99 latency, errors
 and wrong answers (a response that differs from the offline `Translator`'s greedy output for
-its input). Then 128 clients against a batched server with a 16-request queue (429s and how
-fast they come back), and --soak_seconds of 32 clients against the batched server with its
+its input). Then 128 clients against a continuous server with a 16-request queue (429s and how
+fast they come back), and --soak_seconds of 32 clients against the continuous server with its
 RSS after warm-up and at the end. Printed and appended to benchmarks/RESULTS.md.
 """
 
@@ -161,28 +163,31 @@ def main(argv: list[str]) -> None:
     translator = Translator.from_workdir(_WORKDIR.value, max_batch=32)
     pool = request_pool(np.random.default_rng(0), translator)
     expected = dict(zip(pool, (t.text for t in translator.translate(pool)), strict=True))
-    batched = ServerProcess(_WORKDIR.value, "--max_batch=32", "--max_wait_ms=5")
+    continuous = ServerProcess(_WORKDIR.value, "--max_batch=32")
+    calls = ServerProcess(_WORKDIR.value, "--max_batch=32", "--max_wait_ms=5", "--batching=calls")
     unbatched = ServerProcess(_WORKDIR.value, "--max_batch=1")
+    servers = (("continuous", continuous), ("calls", calls), ("unbatched", unbatched))
     rows = []
     for clients in _CLIENTS:
-        for name, server in (("batched", batched), ("unbatched", unbatched)):
+        for name, server in servers:
             result = asyncio.run(load(server.url, clients, _SECONDS.value, pool, expected))
             rows.append((clients, name, result))
             print(clients, name, result, flush=True)
-    unbatched_status = unbatched.stop()
-    small = ServerProcess(_WORKDIR.value, "--max_batch=32", "--max_wait_ms=5", "--max_queue=16")
+    unbatched_status, calls_status = unbatched.stop(), calls.stop()
+    small = ServerProcess(_WORKDIR.value, "--max_batch=32", "--max_queue=16")
     overload = asyncio.run(load(small.url, 128, _SECONDS.value, pool, expected))
     print("small queue", overload, flush=True)
     small_status = small.stop()
     soak = None
     if _SOAK.value > 0:
-        asyncio.run(load(batched.url, 32, 30.0, pool, expected))  # warm-up
-        after_warmup = batched.rss_mib()
-        result = asyncio.run(load(batched.url, 32, _SOAK.value, pool, expected))
-        soak = (after_warmup, batched.rss_mib(), result)
+        asyncio.run(load(continuous.url, 32, 30.0, pool, expected))  # warm-up
+        after_warmup = continuous.rss_mib()
+        result = asyncio.run(load(continuous.url, 32, _SOAK.value, pool, expected))
+        soak = (after_warmup, continuous.rss_mib(), result)
         print("soak", soak, flush=True)
-    batched_status = batched.stop()
-    print_table(rows, overload, soak, (batched_status, unbatched_status, small_status))
+    continuous_status = continuous.stop()
+    statuses = (continuous_status, calls_status, unbatched_status, small_status)
+    print_table(rows, overload, soak, statuses)
 
 
 def print_table(rows, overload: dict, soak, statuses) -> None:
@@ -213,7 +218,7 @@ def print_table(rows, overload: dict, soak, statuses) -> None:
         "",
         "| workload | requests | served | 429 | p99 ms of a 429 | errors | wrong | requests/s |",
         "|---|---|---|---|---|---|---|---|",
-        f"| 128 clients, batched, queue 16 | {o['requests']} | {served} | {o['rejected']} "
+        f"| 128 clients, continuous, queue 16 | {o['requests']} | {served} | {o['rejected']} "
         f"| {1000 * o['p99_429']:.1f} | {o['errors']} | {o['wrong']} | {o['rps']:.1f} |",
     ]
     if soak:
@@ -223,7 +228,7 @@ def print_table(rows, overload: dict, soak, statuses) -> None:
             "| workload | RSS after warm-up MiB | RSS at end MiB | end / warm-up | requests | "
             "errors | wrong |",
             "|---|---|---|---|---|---|---|",
-            f"| {_SOAK.value:g} s, 32 clients, batched | {before:.0f} | {after:.0f} | "
+            f"| {_SOAK.value:g} s, 32 clients, continuous | {before:.0f} | {after:.0f} | "
             f"{after / before:.3f} | {r['requests']} | {r['errors']} | {r['wrong']} |",
         ]
     print("\n".join(lines))

@@ -14,7 +14,7 @@ import torch
 from flax import linen as nn
 from transformers import MarianConfig, MarianMTModel
 
-from tfjax import decode
+from tfjax import continuous, decode
 from tfjax import generate as G
 from tfjax.interop import from_marian
 from tfjax.model import Transformer, preset
@@ -158,6 +158,55 @@ def test_greedy_matches_full_forward(tiny, greedy_out):
     assert_rows_match(tiny, greedy_out, prefixes)
     # Rows end at several lengths, and at least one runs to MAX_LEN without eos.
     assert len(set(greedy_out.lengths.tolist())) >= 3 and MAX_LEN in greedy_out.lengths
+
+
+def test_continuous_decoding_equals_greedy_whatever_joins_when(tiny, greedy_out):
+    # 15 sentences (the batch three times) join 4 rows one per call, so rows are refilled,
+    # grown and shrunk, and the ring of MAX_LEN slots wraps several times; sentences 1 and 3
+    # arrive cut to their unpadded length, so their fresh rows are padded to the batch's S.
+    # Every row's tokens and records equal the whole-batch greedy decoder's (itself pinned
+    # to the full forward pass above); a row with limit 3 is its first 3 tokens.
+    model, params, inputs, _ = tiny
+    inputs = np.asarray(inputs)
+
+    def start(sentences):
+        rows = continuous.bucket(len(sentences), 4)
+        batch = np.full((rows, max(len(x) for x in sentences)), PAD, np.int32)
+        for i, x in enumerate(sentences):
+            batch[i, : len(x)] = x
+        return G.rolling_rows(model, params, batch, max_decode_len=MAX_LEN, source_len=SOURCE_LEN)
+
+    def step(cache, last, positions, num_top, num_steps):
+        spec = dataclasses.replace(SPEC, num_top=num_top)
+        return G.rolling_steps(model, params, cache, last, positions, spec, num_steps)
+
+    decoder = continuous.ContinuousDecoder(
+        start, step, max_rows=4, max_decode_len=MAX_LEN, bos_id=BOS, eos_id=EOS,
+        max_steps_per_call=4,
+    )  # fmt: skip
+    cut = {1: 4, 3: 2}
+    outputs, sizes = {}, set()
+    for k in range(3 * BATCH):
+        b = k % BATCH
+        limit = 3 if k == 7 else MAX_LEN
+        decoder.add(inputs[b, : cut.get(b, SOURCE_LEN)], k, limit=limit, num_top=NUM_TOP * (k % 2))
+        outputs.update(decoder.step())
+        sizes.add(len(decoder._rows))
+    while decoder.running:
+        outputs.update(decoder.step())
+        sizes.add(len(decoder._rows))
+    assert decoder.steps > 2 * MAX_LEN and sizes >= {1, 4}
+    for k in range(3 * BATCH):
+        b, out = k % BATCH, outputs[k]
+        n = min(int(greedy_out.lengths[b]), 3 if k == 7 else MAX_LEN)
+        assert int(out.lengths[0]) == n
+        np.testing.assert_array_equal(out.tokens[0], greedy_out.tokens[b, :n])
+        np.testing.assert_allclose(
+            out.token_log_probs[0], greedy_out.token_log_probs[b, :n], atol=ATOL
+        )
+        top = NUM_TOP * (k % 2)
+        np.testing.assert_array_equal(out.top_ids[0], greedy_out.top_ids[b, :n, :top])
+        np.testing.assert_allclose(out.top_probs[0], greedy_out.top_probs[b, :n, :top], atol=ATOL)
 
 
 def test_sample_matches_full_forward(tiny, greedy_out):

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from tfjax import generate, pipelines, serve
+from tfjax import continuous, generate, pipelines, serve
 from tfjax.translator import Translator
 
 SENTENCES = ["ein mann fährt fahrrad", "zwei kinder spielen im park", "eine frau liest ein buch"]
@@ -167,9 +167,10 @@ def test_other_routes_refuse_cleanly(server):
 
 
 def test_concurrent_requests_share_one_decoder_call(uninterrupted, offline):
-    # Waiting up to 30 s for company, 8 one-sentence requests fill one 8-sentence call: the
-    # call starts as soon as the eighth arrives, so exactly one decoder call serves them all.
-    s = make_server(uninterrupted, max_batch=8, max_wait_ms=30_000)
+    # Whole-batch calls (continuous batching off), waiting up to 30 s for company: 8
+    # one-sentence requests fill one 8-sentence call, which starts as soon as the eighth
+    # arrives, so exactly one decoder call serves them all.
+    s = make_server(uninterrupted, max_batch=8, max_wait_ms=30_000, continuous=False)
     texts = [f"{a} {b}" for a in ("ein", "zwei") for b in ("mann", "frau", "buch", "park")]
     with serving(s) as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
         before = s.batchers["tiny", "translate"].calls
@@ -178,6 +179,36 @@ def test_concurrent_requests_share_one_decoder_call(uninterrupted, offline):
         assert metric(url, "tfjax_requests_per_call_sum", model="tiny") == 8
     want = [t.text for t in offline.translate(texts)]
     assert [a.json()["translations"][0]["text"] for a in answers] == want
+
+
+def test_greedy_requests_join_the_running_rows(uninterrupted, offline):
+    # Continuous batching: the first request's first decoder step is held until 7 more
+    # requests queue; they all join the running rows at the next step, beside the first.
+    # Rows per step are counted by wrapping the engine's step; answers equal offline.
+    s = make_server(uninterrupted, max_batch=8)
+    batcher = s.batchers["tiny", "translate"]
+    engine, release, rows = batcher._engine, threading.Event(), []
+
+    def held_step():
+        release.wait(timeout=60)
+        rows.append(engine.decoder.running + engine.decoder.waiting)
+        return type(engine).step(engine)
+
+    engine.step = held_step
+    texts = [f"{a} {b}" for a in ("ein", "zwei") for b in ("mann", "frau", "buch", "park")]
+    with serving(s) as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        first = pool.submit(post, url, "/v1/translate", {"text": texts[0]})
+        while not engine.busy:
+            pass
+        rest = [pool.submit(post, url, "/v1/translate", {"text": t}) for t in texts[1:]]
+        while httpx.get(url + "/health").json()["queued"] < 7:
+            pass
+        release.set()
+        answers = [first.result()] + [r.result() for r in rest]
+    want = [t.text for t in offline.translate(texts)]
+    assert [a.json()["translations"][0]["text"] for a in answers] == want
+    assert rows[0] == 1 and rows[1] == 8
+    assert len(rows) < sum(len(t.pieces) for t in offline.translate(texts))
 
 
 def test_a_bad_request_never_disturbs_its_batch(uninterrupted, offline):
@@ -193,9 +224,10 @@ def test_a_bad_request_never_disturbs_its_batch(uninterrupted, offline):
 
 
 def test_full_queue_answers_429_and_deadlines_504(uninterrupted):
-    # Two queued requests wait for company (max_wait 30 s) with 2 s deadlines; a third finds
-    # the queue full. The two then pass their deadline: 504, and their work is dropped.
-    s = make_server(uninterrupted, max_batch=8, max_wait_ms=30_000, max_queue=2)
+    # With whole-batch calls, two queued requests wait for company (max_wait 30 s) with 2 s
+    # deadlines; a third finds the queue full. The two then pass their deadline: 504, and
+    # their work is dropped.
+    s = make_server(uninterrupted, max_batch=8, max_wait_ms=30_000, continuous=False, max_queue=2)
     with serving(s) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
         queued = [
             pool.submit(post, url, "/v1/translate", {"text": t, "timeout": 2})
@@ -215,7 +247,7 @@ def test_full_queue_answers_429_and_deadlines_504(uninterrupted):
 
 
 def test_a_client_that_leaves_has_its_queued_work_dropped(uninterrupted):
-    s = make_server(uninterrupted, max_batch=2, max_wait_ms=30_000)
+    s = make_server(uninterrupted, max_batch=2, max_wait_ms=30_000, continuous=False)
     with serving(s) as url:
         host, port = url.removeprefix("http://").split(":")
         body = json.dumps({"text": "ein mann"}).encode()
@@ -239,7 +271,7 @@ def test_a_client_that_leaves_has_its_queued_work_dropped(uninterrupted):
 
 def test_health_answers_while_requests_wait(uninterrupted, offline):
     # Three requests wait for a fourth to fill the call; the event loop answers meanwhile.
-    s = make_server(uninterrupted, max_batch=4, max_wait_ms=30_000)
+    s = make_server(uninterrupted, max_batch=4, max_wait_ms=30_000, continuous=False)
     texts = [*SENTENCES, "ein buch"]
     with serving(s) as url, concurrent.futures.ThreadPoolExecutor(3) as pool:
         waiting = [pool.submit(post, url, "/v1/translate", {"text": t}) for t in texts[:3]]
@@ -309,7 +341,11 @@ def test_sigterm_answers_what_is_in_flight_then_exits_0(uninterrupted, offline):
                 url = line.split()[-1]
                 break
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            flying = [pool.submit(post, url, "/v1/translate", {"text": t}) for t in SENTENCES]
+            # Beam requests wait for company (greedy ones would join the running rows at once).
+            body = {"beam": 2}
+            flying = [
+                pool.submit(post, url, "/v1/translate", {"text": t, **body}) for t in SENTENCES
+            ]
             while httpx.get(url + "/health").json()["queued"] < 3:
                 pass
             process.send_signal(signal.SIGTERM)
@@ -317,7 +353,7 @@ def test_sigterm_answers_what_is_in_flight_then_exits_0(uninterrupted, offline):
         assert process.wait(timeout=60) == 0, process.stderr.read()
     finally:
         process.kill()
-    want = [t.text for t in offline.translate(SENTENCES)]
+    want = [t.text for t in offline.translate(SENTENCES, beam_size=2)]
     assert [a.json()["translations"][0]["text"] for a in answers] == want
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health")
@@ -348,6 +384,70 @@ def test_warm_up_compiles_every_bucket_a_request_can_need(offline):
         ]
         offline.translate(texts)
     assert generate.translate_greedy._cache_size() == before
+
+
+def test_continuous_warm_up_compiles_every_program_a_request_can_need(offline):
+    jitted = (generate.rolling_rows, generate.rolling_steps, continuous.take_rows,
+              continuous.put_rows, continuous.empty_rows)  # fmt: skip
+    earlier = sum(f._cache_size() for f in jitted)  # other tests may have compiled some
+    programs = offline.warm_up_continuous()
+    before = [f._cache_size() for f in jitted]
+    assert earlier < sum(before) <= earlier + programs
+    rng = np.random.default_rng(0)
+    decoder = offline.continuous()
+    for k, arrivals in enumerate((1, 3, 8, 0, 0, 5, 2, 0, 0, 0, 0, 1)):
+        for _ in range(arrivals):
+            words = rng.choice(SENTENCES[2].split(), rng.integers(1, 12))
+            decoder.add(offline.source_ids([" ".join(words)])[0], k, limit=8)
+        decoder.step()
+    assert [f._cache_size() for f in jitted] == before
+
+
+class FakeEngine:
+    """Upper-cases items, one step per item; refuses "bad" items and fails on "boom"."""
+
+    def __init__(self):
+        self.items = []
+
+    def accepts(self, key):
+        return key == "fast"
+
+    def add(self, key, items, tag):
+        if "bad" in items:
+            raise ValueError("bad item")
+        self.items += [((tag, i), x) for i, x in enumerate(items)]
+
+    def step(self):
+        tag, x = self.items.pop(0)
+        if x == "boom":
+            raise RuntimeError("step failed")
+        return [(tag, x.upper())]
+
+    def drop(self):
+        tags, self.items = [t for t, _ in self.items], []
+        return tags
+
+    @property
+    def busy(self):
+        return len(self.items)
+
+
+def test_continuous_batcher_isolates_failures_and_runs_other_keys_as_calls():
+    batcher = serve.ContinuousBatcher(
+        lambda key, items: [x * 2 for x in items], FakeEngine(), max_items=4, max_wait=0.0
+    )
+
+    def submit(key, items):
+        return batcher.submit(serve.Job(key, items, 1, deadline=time.monotonic() + 60))
+
+    assert submit("fast", ["a", "b"]).result(timeout=30) == ["A", "B"]
+    assert submit("slow", ["a"]).result(timeout=30) == ["aa"]  # another key: a whole call
+    with pytest.raises(ValueError, match="bad item"):
+        submit("fast", ["bad"]).result(timeout=30)
+    with pytest.raises(RuntimeError, match="step failed"):
+        submit("fast", ["boom", "x"]).result(timeout=30)
+    assert submit("fast", ["c"]).result(timeout=30) == ["C"]  # the engine goes on
+    batcher.stop()
 
 
 def test_batcher_isolates_a_failing_job():

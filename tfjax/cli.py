@@ -125,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max_batch", type=int, default=32, help="sentences per model call")
     serve.add_argument("--max_tokens", type=int, default=4096, help="input pieces per call")
     serve.add_argument("--max_wait_ms", type=float, default=5.0, help="wait for company")
+    serve.add_argument(
+        "--batching", choices=("continuous", "calls"), default="continuous",
+        help="continuous: greedy requests join the running batch between decoder steps; "
+        "calls: every request waits for a whole-batch decoder call",
+    )  # fmt: skip
     serve.add_argument("--max_queue", type=int, default=256, help="queued requests before 429")
     serve.add_argument("--timeout", type=float, default=60.0, help="seconds before 504")
     serve.add_argument(
@@ -490,10 +495,12 @@ def _serve(args: argparse.Namespace) -> int:
     for name, workdir in named:
         print(f"loading {name} from {workdir}", file=sys.stderr, flush=True)
         served.append(serve.load(name, workdir, max_batch=args.max_batch))
+    continuous = args.batching == "continuous" and args.max_batch > 1
     if args.warmup:
-        serve.warm_up(served)
+        serve.warm_up(served, continuous)
     config = serve.ServerConfig(
         max_batch=args.max_batch,
+        continuous=continuous,
         max_tokens=args.max_tokens,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,

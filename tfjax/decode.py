@@ -383,6 +383,58 @@ def greedy_search(
     )
 
 
+def greedy_steps(
+    tokens_to_logits: TokensToLogits,
+    cache: Cache,
+    last: jax.Array,
+    steps: jax.Array,
+    spec: DecodeSpec,
+    num_steps: int,
+) -> tuple[Cache, _Step]:
+    """`num_steps` greedy steps of rows that decode independently: continuous batching's.
+
+    The host loop (`tfjax.continuous`) decides when a row ends and what fills it next; this
+    only chooses every row's next tokens as `greedy_search` would at that row's positions and
+    records them. A row that ends within the steps goes on decoding: the host drops what
+    follows its end. The spec's controls and processor get the positions as [rows, 1], so
+    those written with broadcasting (min_length, `force_eos_at_end`, `ban_tokens`) act per
+    row; no_repeat_ngram_size needs the history, which is not kept.
+
+    Args:
+      tokens_to_logits: the callback described at the top of this module.
+      cache: its cache, one row per sentence.
+      last: [rows] int32 each row's previous token (bos_id at its position 0).
+      steps: [rows] int32 each row's position, the index of the next token it chooses.
+      spec: as in `greedy_search`, with no_repeat_ngram_size 0.
+      num_steps: steps to take.
+
+    Returns:
+      The new cache and the steps' tokens [rows, num_steps], log-probabilities [rows,
+      num_steps] and alternatives [rows, num_steps, num_top].
+    """
+    if spec.no_repeat_ngram_size:
+        raise ValueError("greedy_steps keeps no history: no_repeat_ngram_size must be 0")
+
+    def step(carry: tuple[Cache, jax.Array, jax.Array], _) -> tuple[tuple, _Step]:
+        cache, last, steps = carry
+        logits, cache = tokens_to_logits(last[:, None], cache)  # [rows, 1] -> [rows, vocab]
+        logits = spec.next_logits(logits, steps[:, None], history=last[:, None])
+        log_probs = log_softmax(logits)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # as greedy_search chooses
+        top_ids, top_probs = top_alternatives(log_probs, spec.num_top)  # [rows, num_top]
+        record = _Step(
+            tokens=tokens,
+            token_log_probs=jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0],
+            top_ids=top_ids,
+            top_probs=top_probs,
+        )
+        return (cache, tokens, steps + 1), record
+
+    (cache, _, _), records = lax.scan(step, (cache, last, steps), length=num_steps)
+    # [num_steps, rows, ...] -> [rows, num_steps, ...]
+    return cache, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), records)
+
+
 def sample(
     tokens_to_logits: TokensToLogits,
     cache: Cache,

@@ -101,6 +101,64 @@ def translate_greedy(
     )
 
 
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_len", "source_len"))
+def rolling_rows(
+    model: Transformer,
+    params: Params,
+    inputs: jax.Array,
+    *,
+    max_decode_len: int,
+    source_len: int,
+) -> Cache:
+    """Fresh rows of a rolling cache (`tfjax.continuous`), one per source sentence.
+
+    Encoded at their own length S, then padded to `source_len`, the source length of the
+    running batch the rows join (its cache leaves must have equal shapes): the padding is
+    masked as any source padding is, and the encoder never runs over it.
+
+    Args:
+      model, params: as in `translate_greedy`.
+      inputs: [n, S] int source ids, S <= source_len.
+      max_decode_len: the running batch's L, the longest translation.
+      source_len: the running batch's S.
+
+    Returns:
+      The cache of n rows, each at its position 0.
+    """
+    variables = {"params": params}
+    encoded = model.apply(variables, inputs, method=model.encode)  # [n, S, D]
+    pad = source_len - inputs.shape[1]
+    encoded = jnp.pad(encoded, ((0, 0), (0, pad), (0, 0)))  # [n, source_len, D]
+    inputs = jnp.pad(inputs, ((0, 0), (0, pad)), constant_values=model.config.pad_id)
+    _, state = model.apply(
+        variables,
+        encoded,
+        inputs,
+        inputs.shape[0],
+        max_decode_len,
+        True,
+        method=model.init_cache,
+        mutable=["cache"],
+    )
+    return state["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "spec", "num_steps"), donate_argnames="cache")
+def rolling_steps(
+    model: Transformer,
+    params: Params,
+    cache: Cache,
+    last: jax.Array,
+    steps: jax.Array,
+    spec: decode.DecodeSpec,
+    num_steps: int,
+) -> tuple[Cache, Any]:
+    """`num_steps` steps of every row of a rolling cache; see `decode.greedy_steps`."""
+    return decode.greedy_steps(
+        _tokens_to_logits(model, params), cache, last, steps, spec, num_steps
+    )
+
+
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "temperature", "top_k", "top_p"))
 def translate_sample(
     model: Transformer,

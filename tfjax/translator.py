@@ -16,12 +16,17 @@ import numpy as np
 from absl import logging
 
 from tfjax import checkpoint, generate
-from tfjax.data import EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from tfjax.continuous import ContinuousDecoder
+from tfjax.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from tfjax.decode import DecodeOutput
 from tfjax.evaluate import EvalOptions, evaluate_split
 from tfjax.generate import decode_best
 from tfjax.model import Transformer, TransformerConfig
 
 LENGTH_BUCKET = 16  # lengths are padded up to a multiple of this
+# Continuous decoding's steps per host call at one row (fewer at more rows): a host round
+# trip costs about one one-row step on 2 cores, against up to 3 steps decoded past an end.
+CONTINUOUS_STEPS = 4
 
 
 # eq=False: the arrays would make == ambiguous; attentions compare by identity.
@@ -208,6 +213,42 @@ class Translator:
             for r, w in enumerate(weights or [None] * len(rows)):
                 yield self._translation(out, r, beam_size > 1, w)
 
+    def source_ids(self, sentences: Sequence[str]) -> list[np.ndarray]:
+        """Each sentence's source ids as the translator reads them (empty ones refused,
+        long ones truncated)."""
+        return self._encode(sentences, self.max_source_len)
+
+    def continuous(self, max_rows: int | None = None) -> ContinuousDecoder:
+        """A `ContinuousDecoder` of this model: greedy decoding where sentences (from
+        `source_ids`) join and leave the running rows between steps; each output, turned
+        into a `Translation` by `translation`, equals `translate`'s greedy one.
+
+        max_rows: rows at most (default max_batch, rounded down to a power of two).
+        """
+        max_rows = max_rows or 1 << (self.max_batch.bit_length() - 1)
+        vocab = self.config.target_vocab
+
+        def start(sentences: list[np.ndarray]) -> Any:
+            inputs = padded(sentences, bucket(len(sentences), max_rows), self.max_source_len)
+            return generate.rolling_rows(
+                self.model, self.params, inputs,
+                max_decode_len=self.max_decode_len, source_len=self.max_source_len,
+            )  # fmt: skip
+
+        def step(cache: Any, last: np.ndarray, steps: np.ndarray, num_top: int, n: int) -> Any:
+            spec = generate.translation_spec(min(num_top, vocab))
+            return generate.rolling_steps(self.model, self.params, cache, last, steps, spec, n)
+
+        return ContinuousDecoder(
+            start, step, max_rows=max_rows, max_decode_len=self.max_decode_len,
+            bos_id=BOS_ID, eos_id=EOS_ID, max_steps_per_call=CONTINUOUS_STEPS,
+        )  # fmt: skip
+
+    def translation(self, out: DecodeOutput) -> Translation:
+        """A greedy `DecodeOutput` of one sentence (a `ContinuousDecoder`'s) as a
+        `Translation`."""
+        return self._translation(out, 0, False, None)
+
     def warm_up(self) -> int:
         """Compiles the greedy decoder for every bucket a request can land in (1, 2, 4, ...,
         max_batch rows by every length bucket up to max_source_len), so that no request
@@ -221,6 +262,13 @@ class Translator:
                 ids = [np.full(length, EOS_ID, np.int32)] * r  # the content does not matter
                 list(self._decode(ids, 1, 0.6, 0, False, controls))
         return len(rows) * len(lengths)
+
+    def warm_up_continuous(self) -> int:
+        """`warm_up` for `continuous` decoders of this translator (they share programs);
+        returns how many programs were compiled."""
+        limit = self.max_source_len
+        lengths = sorted({length_bucket(n, limit) for n in range(1, limit + 1)})
+        return self.continuous().warm_up([np.full(n, EOS_ID, np.int32) for n in lengths])
 
     def translate(
         self,

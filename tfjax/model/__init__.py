@@ -16,7 +16,9 @@ only the cache leaves whose leading axis is B: `origin` follows the surviving hy
 while the key and value caches, led by B', stay where they were written, and a step reads
 each earlier position from the slot `origin` names (`DecodePosition.select`). Queries of the
 beams of one sentence are folded into the query axis when they meet its keys, so no keys or
-values are copied per beam.
+values are copied per beam. A rolling cache (`init_cache(..., rolling=True)`, beams 1) adds
+`age` [B], each row's own position, so that rows can be refilled with new sentences between
+steps (`tfjax.continuous`); its index runs round the L slots as a ring.
 """
 
 from tfjax.model.config import PRESETS, TransformerConfig, preset

@@ -28,6 +28,9 @@ class DecodePosition(NamedTuple):
     # None when filling.
     select: jax.Array | None
     beams: int  # rows per sentence, B / B'
+    # bool [B, 1, 1, L]: the positions each row may read, in rolling caches (see
+    # `Decoder._decode_state`), where rows start at different steps; None: positions < index.
+    readable: jax.Array | None = None
 
 
 class Attention(nn.Module):
@@ -139,7 +142,10 @@ class Attention(nn.Module):
         )
         keys, values = cached_key.value, cached_value.value  # [B', H, K, G, L]
         sentences, beams, length = keys.shape[0], keys.shape[3], keys.shape[4]
-        before = (jnp.arange(length) < where.index)[None, None, None, :]  # [1, 1, 1, L]
+        if where.readable is None:
+            before = (jnp.arange(length) < where.index)[None, None, None, :]  # [1, 1, 1, L]
+        else:
+            before = where.readable  # [B, 1, 1, L], beams == 1
         grouped = [x.reshape(sentences, beams, *x.shape[2:]) for x in (q, k, v)]  # [B', G, H, K]
         out = attend_stored(grouped[0], keys, values, before, own=grouped[1:], select=where.select)
         # Written only once read: the write position depends on the attention's output

@@ -122,6 +122,7 @@ class Decoder(nn.Module):
         targets_positions: jax.Array | None = None,
         deterministic: bool,
         decode: bool = False,
+        rolling: bool = False,
     ) -> jax.Array:
         """Logits [B, T, V] (float32) of the next token at every target position.
 
@@ -133,6 +134,7 @@ class Decoder(nn.Module):
             for packed rows.
           deterministic: disables dropout.
           decode: cache mode; see the `tfjax.model` docstring and `Transformer.init_cache`.
+          rolling: on the cache-filling call, make the cache rolling (`_decode_state`).
         """
         cfg = self.config
         positions = default_positions(decoder_inputs, targets_positions)
@@ -140,7 +142,9 @@ class Decoder(nn.Module):
         self_mask = all_masks(self_mask, segment_mask(targets_segment_ids, targets_segment_ids))
         where = None
         if decode:
-            positions, where, cross_mask = self._decode_state(inputs, decoder_inputs, positions)
+            positions, where, cross_mask = self._decode_state(
+                inputs, decoder_inputs, positions, rolling
+            )
         else:
             keep = (inputs != cfg.pad_id)[:, None, None, :]  # [B', 1, 1, S]
             cross_mask = all_masks(keep, segment_mask(targets_segment_ids, inputs_segment_ids))
@@ -157,7 +161,11 @@ class Decoder(nn.Module):
         return self._logits(y)
 
     def _decode_state(
-        self, inputs: jax.Array | None, decoder_inputs: jax.Array, positions: jax.Array
+        self,
+        inputs: jax.Array | None,
+        decoder_inputs: jax.Array,
+        positions: jax.Array,
+        rolling: bool,
     ) -> tuple[jax.Array, DecodePosition, jax.Array]:
         """Decode mode's positions, `DecodePosition` and cross mask, kept in the "cache".
 
@@ -165,6 +173,13 @@ class Decoder(nn.Module):
         [B', 1, 1, S], the index 0 and the origin of every position, its own row; each step
         reads them, claims position index for each row's own cache, and advances the index.
         The step's one-hot `select` is derived from `origin` here, once for all layers.
+
+        A rolling cache (beams 1) also keeps `age` [B], the tokens each row has decoded, so
+        that rows may start at different steps: continuous batching puts a new sentence's
+        freshly filled rows (age 0) in place of ended ones between steps
+        (`tfjax.continuous`). The index then runs round the L slots as a ring, every row
+        writing slot index at each step; a row's position is its age, and it reads the age
+        slots written last, which are its own as long as it is at most L tokens long.
         """
         rows, length = decoder_inputs.shape
         initialized = self.has_variable("cache", "index")
@@ -176,6 +191,10 @@ class Decoder(nn.Module):
         if not initialized:
             keep = (inputs != self.config.pad_id)[:, None, None, :]
             self.variable("cache", "source_mask", lambda: keep)
+            if rolling:
+                if rows != inputs.shape[0]:
+                    raise ValueError("a rolling cache has one row per sentence (no beams)")
+                self.variable("cache", "age", lambda: jnp.zeros((rows,), jnp.int32))
             return positions, DecodePosition(None, None, rows // inputs.shape[0]), keep
         step = index.value
         index.value = step + 1
@@ -186,7 +205,18 @@ class Decoder(nn.Module):
         # [B, L] rows -> [B', G, L] slot within the sentence -> [B', G, J, L], one-hot over J.
         slot = (origin.value % beams).reshape(sentences, beams, length)
         select = slot[:, :, None, :] == jnp.arange(beams)[None, None, :, None]
-        return jnp.full((1, 1), step), DecodePosition(step, select, beams), keep
+        if not self.has_variable("cache", "age"):
+            return jnp.full((1, 1), step), DecodePosition(step, select, beams), keep
+        index.value = index.value % length
+        age = self.variable("cache", "age")
+        # Slot j was written (step - 1 - j) mod L steps ago: readable if the row is older.
+        written_ago = (step - 1 - jnp.arange(length)) % length  # [L]
+        readable = written_ago[None, :] < age.value[:, None]  # [B, L]
+        position = age.value[:, None]  # [B, 1]
+        # Capped so that a row left idle after its end keeps valid (if unused) positions.
+        age.value = jnp.minimum(age.value + 1, length - 1)
+        where = DecodePosition(step, select, beams, readable[:, None, None, :])
+        return position, where, keep
 
     def _logits(self, y: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""
@@ -274,12 +304,14 @@ class Transformer(nn.Module):
         *,
         deterministic: bool = True,
         decode: bool = False,
+        rolling: bool = False,
         **segments: jax.Array | None,
     ) -> jax.Array:
         """Logits [B, T, V]; see `Decoder.__call__` for the arguments."""
         return self.decoder(
-            encoded, inputs, decoder_inputs, deterministic=deterministic, decode=decode, **segments
-        )
+            encoded, inputs, decoder_inputs,
+            deterministic=deterministic, decode=decode, rolling=rolling, **segments,
+        )  # fmt: skip
 
     def __call__(
         self,
@@ -307,16 +339,22 @@ class Transformer(nn.Module):
         )
 
     def init_cache(
-        self, encoded: jax.Array, inputs: jax.Array, num_rows: int, max_len: int
+        self,
+        encoded: jax.Array,
+        inputs: jax.Array,
+        num_rows: int,
+        max_len: int,
+        rolling: bool = False,
     ) -> None:
         """Fill the "cache" collection for decoding up to `max_len` tokens in `num_rows` rows.
 
         encoded [B', S, D] and inputs [B', S] are per sentence; num_rows = B' * beams. Apply
         with `mutable=["cache"]` and keep only the cache: the logits of the dummy target are
-        dead code that jit removes.
+        dead code that jit removes. rolling: rows may be replaced between steps (beams 1;
+        see `Decoder._decode_state`).
         """
         dummy = jnp.zeros((num_rows, max_len), jnp.int32)  # [B, L]
-        self.decode(encoded, inputs, dummy, decode=True)
+        self.decode(encoded, inputs, dummy, decode=True, rolling=rolling)
 
     def decode_step(self, ids: jax.Array) -> jax.Array:
         """One cached decoding step: previous tokens [B, 1] -> next-token logits [B, V]."""

@@ -13,11 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from tfjax.serve.app import Server, ServerConfig, create_app
-from tfjax.serve.batching import Batcher, Job, QueueFull
+from tfjax.serve.batching import Batcher, ContinuousBatcher, Job, QueueFull
 from tfjax.serve.models import Served, load
 
 __all__ = [
     "Batcher",
+    "ContinuousBatcher",
     "Job",
     "QueueFull",
     "Served",
@@ -30,13 +31,16 @@ __all__ = [
 ]
 
 
-def warm_up(served: Sequence[Served]) -> None:
-    """Compile each translation model's greedy decoder for every batch and length bucket
-    (`Translator.warm_up`) before the first request."""
+def warm_up(served: Sequence[Served], continuous: bool = True) -> None:
+    """Compile each seq2seq model's greedy decoder for every batch and length bucket
+    (`Translator.warm_up`), and its continuous decoder's programs (`warm_up_continuous`),
+    before the first request."""
     for m in served:
         if m.seq2seq:
             shapes = m.translator.warm_up()
-            print(f"{m.name}: compiled {shapes} decoder shapes", file=sys.stderr, flush=True)
+            if continuous:
+                shapes += m.translator.warm_up_continuous()
+            print(f"{m.name}: compiled {shapes} decoder programs", file=sys.stderr, flush=True)
 
 
 def run(server: Server, host: str = "127.0.0.1", port: int = 8080) -> None:

@@ -30,7 +30,9 @@ from tfjax.serve import models
 from tfjax.serve.batching import (
     Batcher,
     BatchStats,
+    ContinuousBatcher,
     DeadlineExceeded,
+    Engine,
     Job,
     QueueFull,
     Runner,
@@ -42,6 +44,9 @@ class ServerConfig:
     """How the server batches and bounds its work."""
 
     max_batch: int = 32  # sentences per model call; 1 turns batching off
+    # Greedy seq2seq requests join and leave the running batch between decoder steps
+    # (`tfjax.continuous`); False: they wait for whole-batch calls like the other requests.
+    continuous: bool = True
     max_tokens: int = 4096  # input pieces per model call
     max_wait_ms: float = 5.0  # how long the oldest request waits for company
     max_queue: int = 256  # requests waiting per model before 429
@@ -123,25 +128,30 @@ class Server:
         self.metrics = Metrics()
         self.batchers: dict[tuple[str, str], Batcher] = {}
         for m in served:
-            routes = {"pipeline": models.pipeline_runner(m)}
+            routes = {"pipeline": (models.pipeline_runner(m), models.seq2seq_shape)}
             if m.task == "translation":
-                routes["translate"] = models.translate_runner(m)
-            for route, run in routes.items():
-                self.batchers[m.name, route] = self._batcher(m.name, run)
+                routes["translate"] = (models.translate_runner(m), lambda m: lambda r: r)
+            for route, (run, shape) in routes.items():
+                engine = None
+                if m.seq2seq and config.continuous and config.max_batch > 1:
+                    engine = models.ContinuousTranslations(m, shape(m))
+                self.batchers[m.name, route] = self._batcher(m.name, run, engine)
             self.metrics.queue_length.labels(m.name).set_function(
                 lambda name=m.name: sum(len(b) for (n, _), b in self.batchers.items() if n == name)
             )
 
-    def _batcher(self, name: str, run: Runner) -> Batcher:
+    def _batcher(self, name: str, run: Runner, engine: Engine | None) -> Batcher:
         c = self.config
-        return Batcher(
-            run,
+        kwargs: dict[str, Any] = dict(
             max_items=c.max_batch,
             max_tokens=c.max_tokens,
             max_wait=c.max_wait_ms / 1000,
             max_queue=c.max_queue,
             on_batch=lambda stats: self.metrics.record_batch(name, stats),
         )
+        if engine is None:
+            return Batcher(run, **kwargs)
+        return ContinuousBatcher(run, engine, **kwargs)
 
     def stop(self) -> None:
         """Finish queued work and end every batcher's worker."""

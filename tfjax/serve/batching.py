@@ -15,7 +15,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from absl import logging
 
@@ -141,20 +141,21 @@ class Batcher:
                     return self._take()
                 self._ready.wait(until - time.monotonic())
 
-    def _full(self) -> bool:
-        """Whether the queued jobs with the oldest's key already fill a call."""
-        key = self._queue[0].key
+    def _full(self, key: Hashable = None) -> bool:
+        """Whether the queued jobs with `key` (default: the oldest's) already fill a call."""
+        key = self._queue[0].key if key is None else key
         same = [job for job in self._queue if job.key == key]
         return (
             sum(len(job.items) for job in same) >= self.max_items
             or sum(job.tokens for job in same) >= self.max_tokens
         )
 
-    def _take(self) -> list[Job]:
-        """Removes and returns the oldest job plus the next jobs with its key that fit;
-        fails expired jobs on the way. Called with the lock held."""
+    def _take(self, key: Hashable = None) -> list[Job]:
+        """Removes and returns the oldest job with `key` (default: the oldest's) plus the next
+        ones with it that fit; fails expired jobs on the way. Called with the lock held."""
         now = time.monotonic()
-        key, items, tokens, taken, kept = self._queue[0].key, 0, 0, [], []
+        key = self._queue[0].key if key is None else key
+        items, tokens, taken, kept = 0, 0, [], []
         for job in self._queue:
             if now > job.deadline:  # its waiter is about to answer 504 and cancel it
                 job.future.set_exception(DeadlineExceeded())
@@ -197,3 +198,132 @@ class Batcher:
         for job in jobs:
             job.future.set_result(results[: len(job.items)])
             results = results[len(job.items) :]
+
+
+class Engine(Protocol):
+    """What `ContinuousBatcher` drives: a decoder whose rows jobs' items join and leave."""
+
+    def accepts(self, key: Hashable) -> bool:
+        """Whether jobs with this key can be decoded continuously."""
+        ...
+
+    def add(self, key: Hashable, items: Sequence[Any], tag: Hashable) -> None:
+        """Queue a job's items; their results come back from `step` as ((tag, i), result)."""
+        ...
+
+    def step(self) -> list[tuple[tuple[Hashable, int], Any]]:
+        """Runs the rows once; the items that ended."""
+        ...
+
+    def drop(self) -> list[tuple[Hashable, int]]:
+        """Forgets every item (after a failed step); their (tag, i)."""
+        ...
+
+    @property
+    def busy(self) -> int:
+        """Items added and not yet ended."""
+        ...
+
+
+class ContinuousBatcher(Batcher):
+    """A `Batcher` whose jobs with keys the engine accepts join its running rows as soon as
+    rows free up, instead of waiting for whole model calls; other jobs are grouped into
+    calls of `run` as before, between the engine's steps.
+
+    A job leaves the queue when the engine has room for its items (running plus waiting items
+    below max_items), so the queue bound, 429s, deadlines and `cancel` work as before; once
+    in the engine a job is finished.
+    """
+
+    def __init__(self, run: Runner, engine: Engine, **kwargs: Any) -> None:
+        self._engine = engine
+        self._parts: dict[Job, list[Any]] = {}  # jobs in the engine -> their results so far
+        self._waits: dict[Job, float] = {}  # jobs in the engine -> their seconds in the queue
+        super().__init__(run, **kwargs)
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                joining = self._joining()
+                static = self._static()
+                if not joining and not static and not self._engine.busy:
+                    if self._stopping and not self._queue:
+                        return
+                    self._ready.wait(self._static_wait())
+                    continue
+            for job in joining:
+                self._add(job)
+            if static:
+                self._call(static)
+            if self._engine.busy:
+                self._step()
+
+    def _joining(self) -> list[Job]:
+        """Removes the queued jobs the engine takes, oldest first, while it has room; fails
+        expired ones. Called with the lock held."""
+        room, now, taken, kept = self.max_items - self._engine.busy, time.monotonic(), [], []
+        blocked = False  # by an older job that does not fit: jobs join in order
+        for job in self._queue:
+            if self._engine.accepts(job.key) and not blocked:
+                # A job larger than max_items joins an idle engine, which queues the excess.
+                blocked = len(job.items) > room and not (self._engine.busy == 0 and not taken)
+            if not self._engine.accepts(job.key) or blocked:
+                kept.append(job)
+            elif now > job.deadline:
+                job.future.set_exception(DeadlineExceeded())
+            elif job.future.set_running_or_notify_cancel():
+                taken.append(job)
+                room -= len(job.items)
+        self._queue = collections.deque(kept)
+        return taken
+
+    def _static(self) -> list[Job]:
+        """The oldest other job plus its company, once it has waited max_wait (or the call
+        is full, or the server stops); else none. Called with the lock held."""
+        job = next((j for j in self._queue if not self._engine.accepts(j.key)), None)
+        if job is None:
+            return []
+        due = time.monotonic() >= job.enqueued + self.max_wait
+        due = due or self._stopping or self._full(job.key)
+        return self._take(job.key) if due else []
+
+    def _static_wait(self) -> float | None:
+        """Seconds until the oldest other job is due; None (until notified) when none waits."""
+        job = next((j for j in self._queue if not self._engine.accepts(j.key)), None)
+        return None if job is None else max(job.enqueued + self.max_wait - time.monotonic(), 0)
+
+    def _add(self, job: Job) -> None:
+        try:
+            self._engine.add(job.key, job.items, job)
+        except Exception as e:  # a bad input of this job alone
+            logging.exception("a job could not join the running rows")
+            job.future.set_exception(e)
+            return
+        self._parts[job] = [None] * len(job.items)
+        self._waits[job] = time.monotonic() - job.enqueued
+
+    def _step(self) -> None:
+        """One engine step; completes the jobs whose last item ended, fails all on error."""
+        start, rows = time.monotonic(), self._engine.busy
+        try:
+            self.calls += 1
+            ended = self._engine.step()
+        except Exception as e:
+            logging.exception("a continuous decoding step failed")
+            for job in {tag for tag, _ in self._engine.drop()}:
+                self._parts.pop(job, None)
+                self._waits.pop(job, None)
+                job.future.set_exception(e)
+            return
+        done = []
+        for (job, i), result in ended:
+            parts = self._parts[job]
+            parts[i] = result
+            if all(p is not None for p in parts):
+                done.append(job)
+        waits = [self._waits.pop(job) for job in done]
+        seconds = time.monotonic() - start
+        stats = BatchStats(rows, len(self._parts), waits, seconds, [r for _, r in ended])
+        self._on_batch(stats)
+        for job in done:
+            job.future.set_result(self._parts.pop(job))

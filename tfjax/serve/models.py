@@ -224,15 +224,8 @@ def translate_runner(model: Served) -> Callable[[Hashable, Sequence[str]], list[
 def pipeline_runner(model: Served) -> Callable[[Hashable, Sequence[str]], list]:
     """run(key, texts) for POST /v1/pipeline/{task}: the pipeline's own output per text."""
     if model.seq2seq:
-        translate = translate_runner(model)
-        field = model.pipe.output_key
-
-        def run_seq2seq(key: Hashable, texts: Sequence[str]) -> list[dict[str, Any]]:
-            # HF's output field first; the step records as in POST /v1/translate.
-            results = translate(key, texts)
-            return [{field: r.pop("text"), **r} for r in results]
-
-        return run_seq2seq
+        translate, shape = translate_runner(model), seq2seq_shape(model)
+        return lambda key, texts: [shape(r) for r in translate(key, texts)]
 
     def run(key: Hashable, texts: Sequence[str]) -> list[Any]:
         options = dict(key)
@@ -241,6 +234,54 @@ def pipeline_runner(model: Served) -> Callable[[Hashable, Sequence[str]], list]:
         return model.pipe(list(texts), **options)
 
     return run
+
+
+class ContinuousTranslations:
+    """The continuous `batching.Engine` of a seq2seq model: greedy requests' sentences join
+    its `ContinuousDecoder`'s rows; each answer equals `translate_runner`'s."""
+
+    def __init__(self, model: Served, shape: Callable[[dict[str, Any]], Any]) -> None:
+        """shape: a `translation_json` -> the route's answer for one text."""
+        self.translator, self.shape = model.translator, shape
+        self.decoder = model.translator.continuous()
+
+    def accepts(self, key: Hashable) -> bool:
+        o = dict(key)
+        return (o["beam"], o["attention"], o["min_length"], o["no_repeat_ngram_size"]) == (
+            1, False, 0, 0,
+        )  # fmt: skip
+
+    def add(self, key: Hashable, texts: Sequence[str], tag: Hashable) -> None:
+        o = dict(key)
+        limit = o["max_length"] or self.translator.max_decode_len
+        num_top = min(o["num_top"], self.translator.config.target_vocab)
+        for i, ids in enumerate(self.translator.source_ids(texts)):
+            self.decoder.add(ids, (tag, i), limit=limit, num_top=num_top)
+
+    def step(self) -> list[tuple[Hashable, Any]]:
+        return [
+            (tag, self.shape(translation_json(self.translator.translation(out))))
+            for tag, out in self.decoder.step()
+        ]
+
+    def drop(self) -> list[Hashable]:
+        return self.decoder.drop()
+
+    @property
+    def busy(self) -> int:
+        return self.decoder.running + self.decoder.waiting
+
+
+def seq2seq_shape(model: Served) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A `translation_json` -> the pipeline's answer: HF's output field first, then the step
+    records as in POST /v1/translate."""
+    field = model.pipe.output_key
+
+    def shape(result: dict[str, Any]) -> dict[str, Any]:
+        result = dict(result)
+        return {field: result.pop("text"), **result}
+
+    return shape
 
 
 def generated_tokens(results: Sequence[Any]) -> int:
