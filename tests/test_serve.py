@@ -182,9 +182,10 @@ def test_concurrent_requests_share_one_decoder_call(uninterrupted, offline):
 
 
 def test_greedy_requests_join_the_running_rows(uninterrupted, offline):
-    # Continuous batching: the first request's first decoder step is held until 7 more
-    # requests queue; they all join the running rows at the next step, beside the first.
-    # Rows per step are counted by wrapping the engine's step; answers equal offline.
+    # Continuous batching: the first request's (two sentences) first decoder step is held
+    # until 6 more requests queue; they all join the running rows at the next step, beside
+    # the first two. Rows per step are counted by wrapping the engine's step; answers equal
+    # offline.
     s = make_server(uninterrupted, max_batch=8)
     batcher = s.batchers["tiny", "translate"]
     engine, release, rows = batcher._engine, threading.Event(), []
@@ -197,17 +198,18 @@ def test_greedy_requests_join_the_running_rows(uninterrupted, offline):
     engine.step = held_step
     texts = [f"{a} {b}" for a in ("ein", "zwei") for b in ("mann", "frau", "buch", "park")]
     with serving(s) as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        first = pool.submit(post, url, "/v1/translate", {"text": texts[0]})
+        first = pool.submit(post, url, "/v1/translate", {"text": texts[:2]})
         while not engine.busy:
             pass
-        rest = [pool.submit(post, url, "/v1/translate", {"text": t}) for t in texts[1:]]
-        while httpx.get(url + "/health").json()["queued"] < 7:
+        rest = [pool.submit(post, url, "/v1/translate", {"text": t}) for t in texts[2:]]
+        while httpx.get(url + "/health").json()["queued"] < 6:
             pass
         release.set()
         answers = [first.result()] + [r.result() for r in rest]
     want = [t.text for t in offline.translate(texts)]
-    assert [a.json()["translations"][0]["text"] for a in answers] == want
-    assert rows[0] == 1 and rows[1] == 8
+    got = [t["text"] for a in answers for t in a.json()["translations"]]
+    assert got == want
+    assert rows[0] == 2 and rows[1] == 8
     assert len(rows) < sum(len(t.pieces) for t in offline.translate(texts))
 
 
@@ -442,11 +444,12 @@ def test_continuous_batcher_isolates_failures_and_runs_other_keys_as_calls():
 
     assert submit("fast", ["a", "b"]).result(timeout=30) == ["A", "B"]
     assert submit("slow", ["a"]).result(timeout=30) == ["aa"]  # another key: a whole call
+    assert submit("fast", ["a"]).result(timeout=30) == ["aa"]  # alone: a call of its own
     with pytest.raises(ValueError, match="bad item"):
-        submit("fast", ["bad"]).result(timeout=30)
+        submit("fast", ["bad", "y"]).result(timeout=30)
     with pytest.raises(RuntimeError, match="step failed"):
         submit("fast", ["boom", "x"]).result(timeout=30)
-    assert submit("fast", ["c"]).result(timeout=30) == ["C"]  # the engine goes on
+    assert submit("fast", ["c", "d"]).result(timeout=30) == ["C", "D"]  # the engine goes on
     batcher.stop()
 
 

@@ -9,8 +9,8 @@ only what it wrote). The rows are a power of two at most `max_rows`, grown when 
 wait and shrunk when few run, so one sentence alone steps one row.
 
 Like the other decoders this never sees the model: `start` fills fresh rows for sentences
-and `step` runs one greedy step of all rows (`generate.rolling_rows` / `rolling_step`, as
-`Translator.continuous` binds them).
+and `step` runs a few greedy steps of all rows (`generate.rolling_rows` / `rolling_steps`,
+as `Translator.continuous` binds them).
 """
 
 from __future__ import annotations
@@ -221,8 +221,10 @@ class ContinuousDecoder:
         free = [r for r, row in enumerate(self._rows) if row is None][: self.waiting]
         if not free:
             return
-        taken = [self._waiting.popleft() for _ in free]
-        fresh = self._start([ids for ids, _ in taken])
+        taken = [self._waiting[i] for i in range(len(free))]
+        fresh = self._start([ids for ids, _ in taken])  # should it fail, `drop` finds them
+        for _ in free:
+            self._waiting.popleft()
         if self._cache is None:  # the first rows
             self._cache = empty_rows(fresh, len(self._rows))
         slots = np.full(_rows(fresh), len(self._rows), np.int32)  # padding rows: dropped

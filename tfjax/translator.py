@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from tfjax import checkpoint, generate
-from tfjax.continuous import ContinuousDecoder
+from tfjax.continuous import ContinuousDecoder, bucket
 from tfjax.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from tfjax.decode import DecodeOutput
 from tfjax.evaluate import EvalOptions, evaluate_split
@@ -56,11 +56,6 @@ class Translation:
     penalised: float | None  # beam search's length-penalised score; None for greedy
     alternatives: list[list[tuple[str, float]]]  # per step: top-k (piece, probability)
     attention: Attention | None = None  # with translate(..., attention=True); else None
-
-
-def bucket(n: int, limit: int) -> int:
-    """The smallest power of two >= n, capped at limit."""
-    return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
 def length_bucket(n: int, limit: int) -> int:

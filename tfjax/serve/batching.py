@@ -228,7 +228,8 @@ class Engine(Protocol):
 class ContinuousBatcher(Batcher):
     """A `Batcher` whose jobs with keys the engine accepts join its running rows as soon as
     rows free up, instead of waiting for whole model calls; other jobs are grouped into
-    calls of `run` as before, between the engine's steps.
+    calls of `run` as before, between the engine's steps. A one-item job that finds the
+    engine idle and no other job is run as a call of its own.
 
     A job leaves the queue when the engine has room for its items (running plus waiting items
     below max_items), so the queue bound, 429s, deadlines and `cancel` work as before; once
@@ -251,10 +252,15 @@ class ContinuousBatcher(Batcher):
                         return
                     self._ready.wait(self._static_wait())
                     continue
-            for job in joining:
-                self._add(job)
             if static:
                 self._call(static)
+            if not self._engine.busy and len(joining) == 1 and len(joining[0].items) == 1:
+                # Alone, a sentence has no one to share steps with: one whole-decode call
+                # (a jitted loop, no host round trip per step) serves it sooner.
+                self._call(joining)
+                continue
+            for job in joining:
+                self._add(job)
             if self._engine.busy:
                 self._step()
 
