@@ -3,8 +3,10 @@
 Requests arrive from the server's event loop as `Job`s; one worker thread takes the oldest
 job, waits up to `max_wait` seconds for more jobs with the same key (the same decoding
 settings), and runs them as one call of `run(key, items)` over all their items (sentences),
-up to `max_items` items and `max_tokens` input tokens. The event loop never waits on the
-model, so the server answers health checks and rejects excess load while a batch decodes.
+up to `max_items` items and `max_tokens` input tokens. `ContinuousBatcher` instead feeds
+the jobs an `Engine` accepts (greedy decoding) into its running rows between its steps
+(`tfjax.continuous`). The event loop never waits on the model, so the server answers health
+checks and rejects excess load while a batch decodes.
 """
 
 from __future__ import annotations
