@@ -495,17 +495,16 @@ def _serve(args: argparse.Namespace) -> int:
     for name, workdir in named:
         print(f"loading {name} from {workdir}", file=sys.stderr, flush=True)
         served.append(serve.load(name, workdir, max_batch=args.max_batch))
-    continuous = args.batching == "continuous" and args.max_batch > 1
-    if args.warmup:
-        serve.warm_up(served, continuous)
     config = serve.ServerConfig(
         max_batch=args.max_batch,
-        continuous=continuous,
+        continuous=args.batching == "continuous",
         max_tokens=args.max_tokens,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         timeout=args.timeout,
     )
+    if args.warmup:
+        serve.warm_up(served, config.batches_continuously)
     serve.run(serve.Server(served, config), args.host, args.port)
     return 0
 

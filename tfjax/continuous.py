@@ -115,7 +115,6 @@ class ContinuousDecoder:
         self.max_rows, self.max_decode_len = max_rows, max_decode_len
         self.bos_id, self.eos_id = bos_id, eos_id
         self.max_steps_per_call = max_steps_per_call
-        self.steps_per_call = max_steps_per_call  # the last call's
         self._waiting: collections.deque[tuple[np.ndarray, _Row]] = collections.deque()
         self._rows: list[_Row | None] = []  # one per cache row; None: free
         self._cache: Cache = None
@@ -146,22 +145,20 @@ class ContinuousDecoder:
         if not self.running:
             return []
         # One host round trip costs about a one-row step: amortised over several at few rows.
-        self.steps_per_call = max(1, self.max_steps_per_call // len(self._rows))
+        num_steps = max(1, self.max_steps_per_call // len(self._rows))
         positions = np.asarray([len(row.tokens) if row else 0 for row in self._rows], np.int32)
         # A power of two, so that few step programs compile; each row keeps its own.
         most = max(row.num_top for row in self._rows if row)
         num_top = bucket(most, 1 << 30) if most else 0
-        self._cache, record = self._step(
-            self._cache, self._last, positions, num_top, self.steps_per_call
-        )
-        self.steps += self.steps_per_call
+        self._cache, record = self._step(self._cache, self._last, positions, num_top, num_steps)
+        self.steps += num_steps
         tokens, log_probs, top_ids, top_probs = jax.device_get(
             (record.tokens, record.token_log_probs, record.top_ids, record.top_probs)
-        )  # [rows, steps_per_call, ...]
+        )  # [rows, num_steps, ...]
         self._last = tokens[:, -1].astype(np.int32)
         ended = []
         for r, row in enumerate(self._rows):
-            for k in range(self.steps_per_call if row else 0):
+            for k in range(num_steps if row else 0):
                 row.tokens.append(int(tokens[r, k]))
                 row.log_probs.append(float(log_probs[r, k]))
                 row.top_ids.append(top_ids[r, k])

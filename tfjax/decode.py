@@ -271,6 +271,14 @@ def filter_logits(
     return jnp.where(keep_by_id, logits, -jnp.inf)
 
 
+def _record(log_probs: jax.Array, tokens: jax.Array, num_top: int) -> _Step:
+    """A step's record of tokens [rows] chosen from log_probs [rows, vocab]: their
+    log-probabilities and the num_top alternatives."""
+    top_ids, top_probs = top_alternatives(log_probs, num_top)  # [rows, num_top]
+    token_lp = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+    return _Step(tokens=tokens, token_log_probs=token_lp, top_ids=top_ids, top_probs=top_probs)
+
+
 def _decode_rows(
     tokens_to_logits: TokensToLogits,
     cache: Cache,
@@ -292,15 +300,13 @@ def _decode_rows(
         cache, last, finished = carry  # last, finished: [batch]
         logits, cache = tokens_to_logits(last[:, None], cache)  # [batch, 1] -> [batch, vocab]
         logits = spec.next_logits(logits, t, history)
-        log_probs = log_softmax(logits)
         tokens = jnp.where(finished, pad_id, choose(logits, t)).astype(jnp.int32)
-        token_lp = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-        top_ids, top_probs = top_alternatives(log_probs, num_top)  # [batch, num_top]
+        rec = _record(log_softmax(logits), tokens, num_top)
         out = _Step(
             tokens=tokens,
-            token_log_probs=jnp.where(finished, 0.0, token_lp),
-            top_ids=jnp.where(finished[:, None], pad_id, top_ids),
-            top_probs=jnp.where(finished[:, None], 0.0, top_probs),
+            token_log_probs=jnp.where(finished, 0.0, rec.token_log_probs),
+            top_ids=jnp.where(finished[:, None], pad_id, rec.top_ids),
+            top_probs=jnp.where(finished[:, None], 0.0, rec.top_probs),
         )
         return (cache, tokens, finished | (tokens == spec.eos_id)), out
 
@@ -419,16 +425,8 @@ def greedy_steps(
         cache, last, steps = carry
         logits, cache = tokens_to_logits(last[:, None], cache)  # [rows, 1] -> [rows, vocab]
         logits = spec.next_logits(logits, steps[:, None], history=last[:, None])
-        log_probs = log_softmax(logits)
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # as greedy_search chooses
-        top_ids, top_probs = top_alternatives(log_probs, spec.num_top)  # [rows, num_top]
-        record = _Step(
-            tokens=tokens,
-            token_log_probs=jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0],
-            top_ids=top_ids,
-            top_probs=top_probs,
-        )
-        return (cache, tokens, steps + 1), record
+        return (cache, tokens, steps + 1), _record(log_softmax(logits), tokens, spec.num_top)
 
     (cache, _, _), records = lax.scan(step, (cache, last, steps), length=num_steps)
     # [num_steps, rows, ...] -> [rows, num_steps, ...]

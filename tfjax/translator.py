@@ -248,8 +248,7 @@ class Translator:
         """Compiles the greedy decoder for every bucket a request can land in (1, 2, 4, ...,
         max_batch rows by every length bucket up to max_source_len), so that no request
         waits for a compile; returns how many shapes that is."""
-        limit = self.max_source_len
-        lengths = sorted({length_bucket(n, limit) for n in range(1, limit + 1)})
+        lengths = self._length_buckets()
         rows = sorted({bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
         controls = {"max_decode_len": self.max_decode_len}
         for r in rows:
@@ -261,9 +260,13 @@ class Translator:
     def warm_up_continuous(self) -> int:
         """`warm_up` for `continuous` decoders of this translator (they share programs);
         returns how many programs were compiled."""
+        sources = [np.full(n, EOS_ID, np.int32) for n in self._length_buckets()]
+        return self.continuous().warm_up(sources)
+
+    def _length_buckets(self) -> list[int]:
+        """Every source length a padded batch can have."""
         limit = self.max_source_len
-        lengths = sorted({length_bucket(n, limit) for n in range(1, limit + 1)})
-        return self.continuous().warm_up([np.full(n, EOS_ID, np.int32) for n in lengths])
+        return sorted({length_bucket(n, limit) for n in range(1, limit + 1)})
 
     def translate(
         self,

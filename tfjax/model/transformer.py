@@ -197,17 +197,23 @@ class Decoder(nn.Module):
                 self.variable("cache", "age", lambda: jnp.zeros((rows,), jnp.int32))
             return positions, DecodePosition(None, None, rows // inputs.shape[0]), keep
         step = index.value
-        index.value = step + 1
-        origin.value = origin.value.at[:, step].set(own_rows)
         keep = self.get_variable("cache", "source_mask")
         sentences, length = keep.shape[0], origin.value.shape[1]
+        if self.has_variable("cache", "age"):
+            return (*self._rolling_position(step, length), keep)
+        index.value = step + 1
+        origin.value = origin.value.at[:, step].set(own_rows)
         beams = rows // sentences
         # [B, L] rows -> [B', G, L] slot within the sentence -> [B', G, J, L], one-hot over J.
         slot = (origin.value % beams).reshape(sentences, beams, length)
         select = slot[:, :, None, :] == jnp.arange(beams)[None, None, :, None]
-        if not self.has_variable("cache", "age"):
-            return jnp.full((1, 1), step), DecodePosition(step, select, beams), keep
-        index.value = index.value % length
+        return jnp.full((1, 1), step), DecodePosition(step, select, beams), keep
+
+    def _rolling_position(self, step: jax.Array, length: int) -> tuple[jax.Array, DecodePosition]:
+        """A rolling cache's step: positions [B, 1] (each row's age) and its `DecodePosition`,
+        writing slot `step` of the ring; advances the ring index and the ages. With one beam
+        every row reads its own slot, so `origin` is neither updated nor read."""
+        self.put_variable("cache", "index", (step + 1) % length)
         age = self.variable("cache", "age")
         # Slot j was written (step - 1 - j) mod L steps ago: readable if the row is older.
         written_ago = (step - 1 - jnp.arange(length)) % length  # [L]
@@ -215,8 +221,8 @@ class Decoder(nn.Module):
         position = age.value[:, None]  # [B, 1]
         # Capped so that a row left idle after its end keeps valid (if unused) positions.
         age.value = jnp.minimum(age.value + 1, length - 1)
-        where = DecodePosition(step, select, beams, readable[:, None, None, :])
-        return position, where, keep
+        one_slot = jnp.ones((1, 1, 1, 1), jnp.bool_)  # select: [B', G, J, L] with G = J = 1
+        return position, DecodePosition(step, one_slot, 1, readable[:, None, None, :])
 
     def _logits(self, y: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""

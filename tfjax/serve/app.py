@@ -52,6 +52,11 @@ class ServerConfig:
     max_queue: int = 256  # requests waiting per model before 429
     timeout: float = 60.0  # seconds a request may take before 504 (a request may ask less)
 
+    @property
+    def batches_continuously(self) -> bool:
+        """Whether greedy requests go to a continuous decoder (batching on and continuous)."""
+        return self.continuous and self.max_batch > 1
+
 
 class Metrics:
     """The Prometheus series, in a registry of the app's own (several apps may share a process)."""
@@ -128,13 +133,14 @@ class Server:
         self.metrics = Metrics()
         self.batchers: dict[tuple[str, str], Batcher] = {}
         for m in served:
-            routes = {"pipeline": (models.pipeline_runner(m), models.seq2seq_shape)}
+            routes = {"pipeline": models.pipeline_runner(m)}
             if m.task == "translation":
-                routes["translate"] = (models.translate_runner(m), lambda m: lambda r: r)
-            for route, (run, shape) in routes.items():
+                routes["translate"] = models.translate_runner(m)
+            for route, run in routes.items():
                 engine = None
-                if m.seq2seq and config.continuous and config.max_batch > 1:
-                    engine = models.ContinuousTranslations(m, shape(m))
+                if m.seq2seq and config.batches_continuously:
+                    shape = models.seq2seq_shape(m) if route == "pipeline" else None
+                    engine = models.ContinuousTranslations(m, shape)
                 self.batchers[m.name, route] = self._batcher(m.name, run, engine)
             self.metrics.queue_length.labels(m.name).set_function(
                 lambda name=m.name: sum(len(b) for (n, _), b in self.batchers.items() if n == name)

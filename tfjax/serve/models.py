@@ -240,9 +240,9 @@ class ContinuousTranslations:
     """The continuous `batching.Engine` of a seq2seq model: greedy requests' sentences join
     its `ContinuousDecoder`'s rows; each answer equals `translate_runner`'s."""
 
-    def __init__(self, model: Served, shape: Callable[[dict[str, Any]], Any]) -> None:
-        """shape: a `translation_json` -> the route's answer for one text."""
-        self.translator, self.shape = model.translator, shape
+    def __init__(self, model: Served, shape: Callable[[dict[str, Any]], Any] | None) -> None:
+        """shape: a `translation_json` -> the route's answer for one text; None: itself."""
+        self.translator, self.shape = model.translator, shape or (lambda result: result)
         self.decoder = model.translator.continuous()
 
     def accepts(self, key: Hashable) -> bool:
