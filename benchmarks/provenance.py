@@ -24,8 +24,13 @@ def code_version() -> str:
 
 
 def machine() -> str:
-    """'x86_64, 2 cores, AVX-512': the architecture, core count and widest vector ISA."""
+    """'x86_64, 2 cores, AVX-512': the architecture, core count and widest vector ISA
+    (plus AMX when the CPU has Intel's matrix unit)."""
     cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    flags = set(line.split())
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "ISA unknown"
+    if "amx_tile" in flags:
+        isa += " + AMX"
     return f"{platform.machine()}, {os.cpu_count()} cores, {isa}"

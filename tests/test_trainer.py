@@ -192,6 +192,24 @@ def test_corrupt_checkpoint_is_reported(uninterrupted, tmp_path):
         checkpoint.restore_for_inference(broken)
 
 
+def test_a_data_position_of_an_older_pipeline_resumes_the_weights(corpus, uninterrupted, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(uninterrupted, old)
+    (position,) = (old / "checkpoints" / str(STEPS) / "data").glob("*.json")
+    # What versions before the packing stage saved (grain's FlatMap iterator state).
+    position.write_text(json.dumps({"parent": {"next_index": 3}, "next_index_in_buffer": 5}))
+    out = subprocess.run(
+        train_command(old, corpus, steps=STEPS + 10), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "the weights resume, the data starts a new epoch" in out.stderr
+    assert f"Resumed from step {STEPS}" in out.stderr
+    assert max(train_losses(old)) == STEPS + 10
+
+
 def test_missing_checkpoint_is_reported(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="training workdir"):
         checkpoint.restore_for_inference(tmp_path)

@@ -95,7 +95,8 @@ class Checkpointer:
         return self.latest.latest_step()
 
     def restore(self, target_state: Any, data_iterator: Any, step: int | None = None) -> Any:
-        """Restore state into the shardings of `target_state` and the iterator in place.
+        """Restore state into the shardings of `target_state` and the iterator in place
+        (None: the state alone).
 
         `target_state` is a tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, so a
         checkpoint written on one mesh restores onto another.
@@ -103,14 +104,11 @@ class Checkpointer:
         step = self.latest.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.latest.directory}")
+        items = dict(state=ocp.args.StandardRestore(target_state))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            restored = self.latest.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                ),
-            )
+            restored = self.latest.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, FileNotFoundError, OSError, KeyError) as e:
             raise CheckpointError(f"checkpoint {self.latest.directory / str(step)}: {e}") from e
         return restored.state

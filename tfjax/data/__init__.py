@@ -2,7 +2,14 @@
 
 from tfjax.data.folder import CorpusError, build_folder, find_splits, read_parallel
 from tfjax.data.jsonl_folder import build_jsonl_folder, read_jsonl
-from tfjax.data.pipeline import PipelineOptions, eval_dataset, train_batch_shapes, train_dataset
+from tfjax.data.packing import PipelineStateError
+from tfjax.data.pipeline import (
+    PipelineOptions,
+    eval_dataset,
+    tokenized_train_split,
+    train_batch_shapes,
+    train_dataset,
+)
 from tfjax.data.sources import (
     SYNTHETIC,
     DatasetNotPreparedError,
@@ -35,6 +42,7 @@ __all__ = [
     "CorpusError",
     "DatasetNotPreparedError",
     "ParallelSource",
+    "PipelineStateError",
     "PipelineOptions",
     "Tokenizer",
     "TranslationData",
@@ -48,6 +56,7 @@ __all__ = [
     "prepare_task",
     "read_jsonl",
     "read_parallel",
+    "tokenized_train_split",
     "train_batch_shapes",
     "train_dataset",
     "train_tokenizer",
