@@ -1,6 +1,6 @@
 """Decoding speed of tfjax beside torch Marian `generate` and CTranslate2, on the same weights.
 
-  python benchmarks/decode_speed.py [--repeats=7] [--threads=2] [--budget_mib=1024]
+  python benchmarks/decode_speed.py [--rounds=3] [--repeats=7] [--threads=2] [--budget_mib=1024]
 
 The W-small model (shared vocabulary 8,000, d_model 256, 3 + 3 layers, 4 heads, d_ff 1024,
 fp32) is a randomly initialised transformers `MarianMTModel` (fixed seed), converted to tfjax
@@ -10,25 +10,28 @@ tokens ending in eos): batch 32 beam 4, batch 32 greedy and one sentence greedy,
 32 generated tokens (eos is banned before the 32nd step in every engine). Greedy outputs are
 compared token for token across engines, beam outputs by their best hypothesis. Each engine
 runs in its own process (on 2 cores one engine's spinning thread pool slows the next), torch
-and CTranslate2 with 1 and with --threads threads; a ratio is to the reference's faster run.
+and CTranslate2 with 1 and with --threads threads. The runs are repeated in --rounds
+interleaved rounds (every run once, then every run again), so that a slow spell of a shared
+machine lands on all engines rather than on one. A ratio is computed per round, to the
+reference's faster run in that round; the tables give its median over rounds and each round's.
 
-Printed and appended to benchmarks/RESULTS.md:
-- generated tokens/s (batch x 32 / seconds; median and min-max of --repeats timed calls after
-  a warm-up) and one-sentence greedy ms per token, with ratios to each reference;
+Printed and appended to benchmarks/RESULTS.md, under a header naming the CPU's vector ISA:
+- generated tokens/s (batch x 32 / seconds) and one-sentence greedy ms per token: each round's
+  figure is the median of --repeats timed calls after a warm-up; printed are the median over
+  rounds, the min-max over every timed call, and the ratios to each reference;
 - the compile time of tfjax's jitted beam and greedy decoders;
 - early stop: eos forced from step k, the model calls tfjax's scan decoder makes (counted by a
   host callback in the logits processor) and its time, for k = 4, 8, 16, 32;
 - the self-attention key/value cache: bytes per row and step by formula and as allocated,
   the encoder-decoder cache per sentence, and the largest batch x beam whose cache fits in
   --budget_mib for 24 source and 32 target tokens.
+Outputs are compared, and the last three are measured, in round 1 only.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,17 +45,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from provenance import code_version
+from provenance import code_version, machine
 
 from tfjax import decode, generate
 from tfjax.interop.marian import MarianImport, load_marian
 from tfjax.model import Transformer
 
-_REPEATS = flags.DEFINE_integer("repeats", 7, "timed calls per workload and engine")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "interleaved rounds of every run", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 7, "timed calls per workload, engine and round")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for torch and CTranslate2 (and 1)")
 _BUDGET = flags.DEFINE_integer("budget_mib", 1024, "memory budget for the cache-size question")
 _WORKER = flags.DEFINE_string("worker", "", "internal: time this engine in this process")
 _SCRATCH = flags.DEFINE_string("scratch", "", "internal: the converted models' directory")
+_EXTRAS = flags.DEFINE_boolean("extras", False, "internal: also measure tfjax's extra tables")
 
 VOCAB, D_MODEL, LAYERS, HEADS, D_FF = 8000, 256, 3, 4, 1024
 EOS, UNK, PAD = 0, 1, VOCAB - 1  # Marian's layout: eos 0, unk 1, pad (= decoder start) last
@@ -303,7 +308,7 @@ def tfjax_extras(engine: TfjaxEngine) -> list[str]:
     return lines
 
 
-def worker(engine: str, threads: int, scratch: Path) -> None:
+def worker(engine: str, threads: int, scratch: Path, with_extras: bool) -> None:
     """Times one engine on every workload in this fresh process; writes <scratch>/<run>.npz."""
     hf_dir = scratch / "hf"
     extras: list[str] = []
@@ -329,7 +334,7 @@ def worker(engine: str, threads: int, scratch: Path) -> None:
         inputs = source_ids(batch)
         times, out = time_calls(lambda i=inputs, b=beam: run(i, b), _REPEATS.value)
         result[f"{workload}/times"], result[f"{workload}/ids"] = np.array(times), out
-    if engine == "tfjax":
+    if engine == "tfjax" and with_extras:
         extras = tfjax_extras(tfjax)
     np.savez(scratch / f"{engine}-{threads}.npz", extras=np.array(extras), **result)
 
@@ -337,7 +342,7 @@ def worker(engine: str, threads: int, scratch: Path) -> None:
 def main(argv: list[str]) -> None:
     del argv
     if _WORKER.value:
-        worker(_WORKER.value, _THREADS.value, Path(_SCRATCH.value))
+        worker(_WORKER.value, _THREADS.value, Path(_SCRATCH.value), _EXTRAS.value)
         return
     scratch = tempfile.TemporaryDirectory()
     directory = Path(scratch.name)
@@ -350,17 +355,27 @@ def main(argv: list[str]) -> None:
         for engine in ("torch", "ct2", "ct2_int8")
         for threads in sorted({1, _THREADS.value})
     ]
-    results = {}
-    for engine, threads in runs:
-        # A fresh process per engine: no thread pool spinning from one engine slows another.
-        print(f"timing {engine} ({threads or 'default'} threads)", flush=True)
-        command = [sys.executable, __file__, f"--worker={engine}", f"--threads={threads}"]
-        command += [f"--scratch={directory}", f"--repeats={_REPEATS.value}"]
-        subprocess.run(command, check=True)
-        results[engine, threads] = dict(np.load(directory / f"{engine}-{threads}.npz"))
-    print("\n".join(report(results)))
+    rounds = []
+    for index in range(_ROUNDS.value):
+        results = {}
+        for engine, threads in runs:
+            # A fresh process per engine: no thread pool spinning from one engine slows another.
+            print(
+                f"round {index + 1}/{_ROUNDS.value}: timing {engine} "
+                f"({threads or 'default'} threads)",
+                flush=True,
+            )
+            command = [sys.executable, __file__, f"--worker={engine}", f"--threads={threads}"]
+            command += [f"--scratch={directory}", f"--repeats={_REPEATS.value}"]
+            # The extra tables do not depend on the round: measure them once.
+            command += [f"--extras={index == 0}"]
+            subprocess.run(command, check=True)
+            results[engine, threads] = dict(np.load(directory / f"{engine}-{threads}.npz"))
+        rounds.append(results)
+    lines = report(rounds)
+    print("\n".join(lines))
     with RESULTS.open("a") as f:
-        f.write("\n" + "\n".join(report(results)) + "\n")
+        f.write("\n" + "\n".join(lines) + "\n")
     scratch.cleanup()
 
 
@@ -370,59 +385,82 @@ def _speed(times: np.ndarray, workload: str) -> np.ndarray:
     return times / STEPS * 1e3 if batch == 1 else batch * STEPS / times
 
 
-def report(results: dict[tuple[str, int], dict[str, np.ndarray]]) -> list[str]:
-    """The markdown tables: speeds with ratios to the fastest run of each reference, agreement."""
+def _ratio(per_round: list[float]) -> str:
+    """'1.08x (1.05 / 1.08 / 1.12)': the median over rounds, then each round's ratio."""
+    return f"{statistics.median(per_round):.2f}x ({' / '.join(f'{x:.2f}' for x in per_round)})"
+
+
+def report(rounds: list[dict[tuple[str, int], dict[str, np.ndarray]]]) -> list[str]:
+    """The markdown tables: speeds, per-round ratios to each reference's faster run, agreement."""
     import ctranslate2
     import torch
     import transformers
 
-    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    where = machine()
     versions = f"jax {jax.__version__}, torch {torch.__version__}, transformers "
     versions += f"{transformers.__version__}, ctranslate2 {ctranslate2.__version__}"
     lines = [
-        f"### decode_speed, {datetime.date.today()}, {machine}, {versions}, {code_version()}",
+        f"### decode_speed, {datetime.date.today()}, {where}, {versions}, {code_version()}",
         "",
         f"W-small fp32, source {SOURCE_LEN} tokens, {STEPS} generated tokens per sentence; "
-        "each engine timed in its own process.",
+        f"each engine timed in its own process, in {len(rounds)} interleaved rounds.",
         "",
         "| workload | engine | threads | figure | median | min-max | vs torch | vs ct2 fp32 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     agreements = []
+    first = rounds[0]
     for workload in WORKLOADS:
-        medians = {k: float(np.median(r[f"{workload}/times"])) for k, r in results.items()}
-        best = {
-            ref: min(m for (e, _), m in medians.items() if e == ref)
-            for ref in ("torch", "ct2")
-            if any(e == ref for e, _ in medians)
-        }
-        for (engine, threads), r in results.items():
-            speed = _speed(r[f"{workload}/times"], workload)
+        # Per round: each run's median seconds, and each reference's faster run's.
+        medians = [
+            {k: float(np.median(r[f"{workload}/times"])) for k, r in results.items()}
+            for results in rounds
+        ]
+        best = [
+            {
+                ref: min(m for (e, _), m in round_medians.items() if e == ref)
+                for ref in ("torch", "ct2")
+                if any(e == ref for e, _ in round_medians)
+            }
+            for round_medians in medians
+        ]
+        for (engine, threads), r in first.items():
+            speeds = [
+                _speed(results[engine, threads][f"{workload}/times"], workload)
+                for results in rounds
+            ]
+            figure = statistics.median(float(np.median(s)) for s in speeds)
+            every = np.concatenate(speeds)
             ratios = [
-                f"{best[ref] / medians[engine, threads]:.2f}x" if ref in best else ""
+                _ratio([b[ref] / m[engine, threads] for b, m in zip(best, medians, strict=True)])
+                if ref in best[0]
+                else ""
                 for ref in ("torch", "ct2")
             ]
             lines.append(
                 f"| {workload} | {engine} | {threads or 'XLA default'} "
                 f"| {'ms/token' if WORKLOADS[workload][0] == 1 else 'tokens/s'} "
-                f"| {np.median(speed):.1f} | {speed.min():.1f}-{speed.max():.1f} "
+                f"| {figure:.1f} | {every.min():.1f}-{every.max():.1f} "
                 f"| {ratios[0]} | {ratios[1]} |"
             )
             if engine != "tfjax":
-                ours = results["tfjax", 0][f"{workload}/ids"]
+                ours = first["tfjax", 0][f"{workload}/ids"]
                 agreements.append(
                     f"| {workload} | tfjax vs {engine} ({threads} threads) "
                     f"| {agreement(ours, r[f'{workload}/ids'])} |"
                 )
     lines += [
         "",
-        "Ratios: the fastest run of that reference's time / this run's time (> 1: faster).",
+        "Figures: the median over rounds of each round's median; min-max over every timed call. "
+        "Ratios, per round: the faster run of that reference's time / this run's time "
+        "(> 1: faster); the median over rounds, then each round's. Outputs and the tables "
+        "below: round 1.",
         "",
         "| workload | outputs | identical |",
         "|---|---|---|",
         *agreements,
         "",
-        *[str(x) for x in results["tfjax", 0]["extras"]],
+        *[str(x) for x in first["tfjax", 0]["extras"]],
     ]
     return lines
 
