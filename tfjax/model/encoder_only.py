@@ -22,6 +22,7 @@ from tfjax.model.layers import (
     LENGTH,
     VOCAB,
     Dense,
+    Dropout,
     constrain,
     layer_norm,
     token_embedding,
@@ -100,7 +101,7 @@ class Classifier(nn.Module):
             pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
         if cfg.pooler:
             pooled = jnp.tanh(Dense((cfg.d_model,), (EMBED, EMBED), cfg, name="pooler")(pooled))
-        pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=deterministic)
+        pooled = Dropout(cfg.dropout_rate)(pooled, deterministic=deterministic)
         out = Dense((cfg.num_labels,), (EMBED, None), cfg, name="output")(pooled)
         return out.astype(jnp.float32)  # [B, C]
 
