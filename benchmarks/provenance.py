@@ -17,7 +17,11 @@ def code_version() -> str:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "tfjax", "benchmarks")
+        # The results files are excluded: a benchmark appends to them as it runs.
+        dirty = git(
+            "status", "--porcelain", "--untracked-files=no", "--", "tfjax", "benchmarks",
+            ":!benchmarks/RESULTS.md", ":!benchmarks/QUALITY.md",
+        )  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return ""
     return f"code at {commit}" + (" with local changes" if dirty else "")
