@@ -80,7 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_alpha = 0.6  # GNMT length penalty when eval_beam_size > 1
     config.eval_min_length = 0  # output pieces before eos is allowed
     config.eval_no_repeat_ngram_size = 0  # no n-gram of this size twice in an output; 0: off
-    config.test_split = "test"  # decoded in full at the end
+    # decoded in full at the end; "": no test pass, so a recipe chosen on validation scores
+    # the test split once, afterwards (python -m tfjax evaluate)
+    config.test_split = "test"
     config.checkpoint_every = 500
     config.keep_checkpoints = 3
     return config

@@ -153,6 +153,7 @@ def test_sigterm_saves_within_a_few_steps_however_slow_they_are(corpus, tmp_path
         (["--config.batch_size=eight"], "batch_size"),
         (["--config.data_dir=/nonexistent/corpus"], "/nonexistent/corpus"),
         (["--config.data_dir="], "needs --config.data_dir"),
+        (["--config.test_split=tset"], "'test_split': 'tset'"),
     ],
 )
 def test_bad_input_is_refused_clearly(corpus, tmp_path, extra, message):
@@ -192,7 +193,11 @@ def test_corrupt_checkpoint_is_reported(uninterrupted, tmp_path):
         checkpoint.restore_for_inference(broken)
 
 
-def test_a_data_position_of_an_older_pipeline_resumes_the_weights(corpus, uninterrupted, tmp_path):
+def test_an_older_data_position_resumes_the_weights_and_test_split_empty_skips_the_test(
+    corpus, uninterrupted, tmp_path
+):
+    """One resumed run checks two things: a data position written by the input pipeline of
+    earlier versions, and `test_split=""` (no end-of-run test pass)."""
     import json
     import shutil
 
@@ -202,12 +207,15 @@ def test_a_data_position_of_an_older_pipeline_resumes_the_weights(corpus, uninte
     # What versions before the packing stage saved (grain's FlatMap iterator state).
     position.write_text(json.dumps({"parent": {"next_index": 3}, "next_index_in_buffer": 5}))
     out = subprocess.run(
-        train_command(old, corpus, steps=STEPS + 10), capture_output=True, text=True
+        train_command(old, corpus, "--config.test_split=", steps=STEPS + 10),
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "the weights resume, the data starts a new epoch" in out.stderr
     assert f"Resumed from step {STEPS}" in out.stderr
     assert max(train_losses(old)) == STEPS + 10
+    assert "No test pass" in out.stderr and "exact match" not in out.stdout
 
 
 def test_missing_checkpoint_is_reported(tmp_path):

@@ -126,6 +126,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     _check_workdir(root)
     options = recipe.pipeline_options(config)
     data = recipe.prepare_data(config, root)
+    _check_splits(config, data)
     task = recipe.task(config)
     tokenizer = load_or_train_tokenizer(
         root / "spm.model",
@@ -161,6 +162,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         checkpointer=checkpoint.Checkpointer(root, keep=config.keep_checkpoints),
         meta=meta,
     )
+
+
+def _check_splits(config: ml_collections.ConfigDict, data: TranslationData | TaskData) -> None:
+    """Before any training: the splits evaluated during and after it exist."""
+    named = {"eval_split": config.eval_split, "test_split": config.test_split}
+    missing = {k: v for k, v in named.items() if v and v not in data.split_sizes}
+    if "train" not in data.split_sizes or missing:
+        raise TrainingError(
+            f"the dataset has splits {sorted(data.split_sizes)}: no 'train' split, or none "
+            f"named as {missing}"
+        )
 
 
 def train_source(
@@ -452,8 +464,12 @@ def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
 
 
 def _final(run: Run, params: Any) -> dict[str, Any]:
-    """Score the final model on config.test_split (every sentence decoded) and print it."""
+    """Score the final model on config.test_split (every sentence decoded) and print it;
+    nothing when test_split is empty."""
     config = run.config
+    if not config.test_split:
+        logging.info("No test pass: config.test_split is empty")
+        return {}
     result = _evaluate(run, params, config.test_split, decode_sentences=None)
     print(f"{config.test_split}: {evaluate.describe(recipe.task(config), result)}", flush=True)
     return result
