@@ -194,3 +194,20 @@ def classifier_workdir(task_folders, mlm_workdir, tmp_path_factory) -> Path:
         "--config.learning_rate=3e-3",
     )  # fmt: skip
     return workdir
+
+
+# Candidates for the sentences whose greedy translation by the shared tiny run ends in eos:
+# the others run on to max_decode_len, and their text, re-tokenized, is cut to fit its eos.
+# Which ones do depends on the run's training, so the test picks them (`ending_in_eos`).
+CANDIDATES = [
+    "zwei kinder spielen im park", "eine frau liest", "ein buch", "ein mann fährt fahrrad",
+    "eine frau", "zwei kinder", "ein mann liest ein buch", "kinder spielen", "im park",
+]  # fmt: skip
+
+
+def ending_in_eos(translator, count: int = 3) -> list[str]:
+    """The first `count` candidates whose greedy translation ends in eos."""
+    found = translator.translate(CANDIDATES)
+    done = [s for s, t in zip(CANDIDATES, found, strict=True) if t.pieces[-1] == "</s>"]
+    assert len(done) >= 2, [t.text for t in found]
+    return done[:count]

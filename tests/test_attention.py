@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ending_in_eos
 from flax import linen as nn
 
 from tfjax import cli, generate
@@ -203,8 +204,6 @@ def translator(uninterrupted):
     return Translator.from_workdir(uninterrupted, max_batch=4)
 
 
-# Sentences whose greedy translation by the shared tiny run ends in eos (others run on to
-# max_decode_len, and their text, re-tokenized, is truncated).
 SENTENCES = ["zwei kinder spielen im park", "eine frau liest", "ein buch"]
 
 
@@ -227,9 +226,10 @@ def test_translations_carry_trimmed_weights(translator):
 
 
 def test_decoded_weights_equal_the_teacher_forced_entry_point(translator):
+    sentences = ending_in_eos(translator)
     before = generate.attention_weights._cache_size()
-    greedy = translator.translate(SENTENCES, attention=True)
-    forced = translator.attention(SENTENCES, [t.text for t in greedy])
+    greedy = translator.translate(sentences, attention=True)
+    forced = translator.attention(sentences, [t.text for t in greedy])
     for t, a in zip(greedy, forced, strict=True):
         assert a.target_pieces == t.pieces  # the text re-tokenizes to the decoded pieces
         np.testing.assert_allclose(a.cross, t.attention.cross, atol=1e-6)
@@ -237,7 +237,7 @@ def test_decoded_weights_equal_the_teacher_forced_entry_point(translator):
     # Both calls fall in one batch bucket and one length bucket: at most one new program.
     assert generate.attention_weights._cache_size() - before <= 1
     with pytest.raises(ValueError, match="2 sources but 1 targets"):
-        translator.attention(SENTENCES[:2], ["a man"])
+        translator.attention(sentences[:2], ["a man"])
 
 
 def test_heatmap_with_pieces_no_font_has(tmp_path):
