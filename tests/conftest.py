@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tfjax.data import BOS_ID
+
 ROOT = Path(__file__).resolve().parents[1]
 # The suite runs on CPU devices; with libtpu installed (the "tpu" extra) JAX would otherwise
 # probe for a TPU in this process and every subprocess. TPU compiles use topology descriptions.
@@ -211,3 +213,18 @@ def ending_in_eos(translator, count: int = 3) -> list[str]:
     done = [s for s, t in zip(CANDIDATES, found, strict=True) if t.pieces[-1] == "</s>"]
     assert len(done) >= 2, [t.text for t in found]
     return done[:count]
+
+
+def with_decoder_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """batch + decoder_inputs [B, T]: targets shifted right within each target segment (bos
+    where a segment starts, 0 on padding; unpacked rows are one segment wherever targets are
+    not pad), computed for the whole batch at once: a reference for the pipeline's."""
+    targets = batch["targets"]  # [B, T]
+    segments = batch.get("targets_segment_ids", (targets != 0).astype(np.int32))  # [B, T]
+    decoder_inputs = np.zeros_like(targets)
+    decoder_inputs[:, 1:] = targets[:, :-1]
+    starts = np.ones_like(segments, dtype=bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    decoder_inputs[starts] = BOS_ID
+    decoder_inputs[segments == 0] = 0
+    return {**batch, "decoder_inputs": decoder_inputs}

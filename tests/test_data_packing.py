@@ -7,6 +7,7 @@ import logging
 import grain
 import numpy as np
 import pytest
+from conftest import with_decoder_inputs
 
 from tfjax import data
 from tfjax.data import pipeline, synthetic, token_cache
@@ -54,7 +55,7 @@ def test_packing_equals_grains_first_fit(examples):
         shuffle_bins=False,
     )
     batch_fn = functools.partial(grain.experimental.batch_and_pad, batch_size=8)
-    reference = reference.batch(8, batch_fn=batch_fn).map(pipeline._add_decoder_inputs)
+    reference = reference.batch(8, batch_fn=batch_fn).map(with_decoder_inputs)
     expected, got = list(reference), list(ours(examples))
     assert len(got) == len(expected) > 10
     for a, b in zip(expected, got, strict=True):
@@ -64,14 +65,21 @@ def test_packing_equals_grains_first_fit(examples):
     assert max(b["inputs_segment_ids"].max() for b in got) >= 3  # rows really hold several
 
 
+def padded(examples, rows):
+    """examples one per row, zeros after them and in the rows they do not fill."""
+    batch = {key: np.zeros((rows, n), np.int32) for key, n in LENGTHS.items()}
+    for row, example in enumerate(examples):
+        for key in LENGTHS:
+            batch[key][row, : len(example[key])] = example[key]
+    return batch
+
+
 def test_unpacked_rows_equal_the_padded_batches(examples):
     fitting = pipeline.LengthLimit(LENGTHS).keep_fitting(examples)
     got = list(ours(examples, pack=False, rows=16))
     assert len(got) == -(-len(fitting) // 16)
     for k, batch in enumerate(got):
-        expected = pipeline._add_decoder_inputs(
-            pipeline._pad_batch(fitting[16 * k : 16 * (k + 1)], 16, LENGTHS)
-        )
+        expected = with_decoder_inputs(padded(fitting[16 * k : 16 * (k + 1)], 16))
         assert batch.keys() == expected.keys()
         for key in batch:
             np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)

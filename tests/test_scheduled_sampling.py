@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import with_decoder_inputs
 
 from tfjax import scheduled_sampling, train_lib
-from tfjax.data.pipeline import _add_decoder_inputs
 from tfjax.model import Transformer, preset
 from tfjax.scheduled_sampling import ScheduledSampling
 
@@ -40,7 +40,7 @@ def _packed_batch(rng, rows=4, src_len=12, tgt_len=12, vocab=64):
         inputs_segment_ids=src_segments,
         inputs_positions=src_positions,
     )
-    return _add_decoder_inputs(batch)
+    return with_decoder_inputs(batch)
 
 
 def test_schedules_follow_bengio_et_al():

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from tfjax import checkpoint, evaluate, recipe, sharding, train_lib
 from tfjax.data import (
     MASK_PIECE,
+    PipelineOptions,
     PipelineStateError,
     TaskData,
     Tokenizer,
@@ -176,7 +177,10 @@ def _check_splits(config: ml_collections.ConfigDict, data: TranslationData | Tas
 
 
 def train_source(
-    data: TranslationData | TaskData, tokenizer: Tokenizer, options: Any, workdir: epath.Path
+    data: TranslationData | TaskData,
+    tokenizer: Tokenizer,
+    options: PipelineOptions,
+    workdir: epath.Path,
 ) -> Any:
     """The train split, tokenized once into <workdir>/data/tokenized (see data.token_cache)."""
     identity = data.builder_dir

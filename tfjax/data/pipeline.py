@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from tfjax.data.packing import PackedBatches
+from tfjax.data.packing import PackedBatches, padded_rows
 from tfjax.data.token_cache import TokenizedSplit, cached_split
 from tfjax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
@@ -192,8 +192,7 @@ def eval_dataset(
     indices[indices >= len(source)] = -1
     lengths = _lengths(max_source_len, max_target_len, encoder_only)
     ds = grain.MapDataset.source(indices).batch(batch_size)
-    ds = ds.map(_EvalBatch(source, tokenizer, lengths))
-    return ds.map(_add_decoder_inputs)
+    return ds.map(_EvalBatch(source, tokenizer, lengths))
 
 
 class IndexChunks(grain.MapDataset):
@@ -263,8 +262,7 @@ class _EvalBatch:
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         real = indices[indices >= 0].tolist()  # Padding rows only ever trail the real ones.
         examples = _read_and_tokenize(self.source, self.tokenizer, real)
-        examples = [self.limit.truncate(example) for example in examples]
-        batch = _pad_batch(examples, batch_size=len(indices), lengths=self.lengths)
+        batch = padded_rows(self.limit.truncate_all(examples), len(indices), self.lengths)
         return {**batch, "index": indices.astype(np.int32)}
 
 
@@ -305,7 +303,7 @@ class LengthLimit:
         self.over = 0
 
     def fits(self, example: dict[str, np.ndarray]) -> bool:
-        """For `filter`: False (and counted as dropped) when a side is too long."""
+        """False (and counted as dropped) when a side is too long."""
         return not self._count(example, "Dropped")
 
     def keep_fitting(self, examples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -352,40 +350,3 @@ def _process(index: int | None, count: int | None) -> tuple[int, int]:
     if not 0 <= index < count:
         raise ValueError(f"process_index={index} is not in [0, process_count={count})")
     return index, count
-
-
-def _pad_batch(
-    examples: Sequence[dict[str, np.ndarray]], batch_size: int, lengths: dict[str, int]
-) -> dict[str, np.ndarray]:
-    """Up to batch_size examples -> inputs [batch, S], targets [batch, T] (0 fills the rest),
-    and label [batch] (-1 fills the rest) when the examples have one."""
-    batch = {key: np.zeros((batch_size, length), np.int32) for key, length in lengths.items()}
-    if examples and "label" in examples[0]:
-        batch["label"] = np.full((batch_size,), -1, np.int32)
-    for row, example in enumerate(examples):
-        for key, ids in example.items():
-            if key == "label":
-                batch[key][row] = ids
-            else:
-                batch[key][row, : len(ids)] = ids
-    return batch
-
-
-def _add_decoder_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Adds decoder_inputs [batch, T]: targets shifted right within each target segment.
-
-    A position gets bos where its segment starts, the previous target otherwise, and 0 on
-    padding. Unpacked rows are one segment: wherever targets are not pad. Batches without
-    targets (encoder-only tasks) pass through.
-    """
-    if "targets" not in batch:
-        return batch
-    targets = batch["targets"]  # [B, T]
-    segments = batch.get("targets_segment_ids", (targets != 0).astype(np.int32))  # [B, T]
-    decoder_inputs = np.zeros_like(targets)
-    decoder_inputs[:, 1:] = targets[:, :-1]
-    starts = np.ones_like(segments, dtype=bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    decoder_inputs[starts] = BOS_ID
-    decoder_inputs[segments == 0] = 0
-    return {**batch, "decoder_inputs": decoder_inputs}

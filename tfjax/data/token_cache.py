@@ -42,7 +42,7 @@ class TokenizedSplit:
 
     def __init__(self, directory: epath.Path):
         meta = json.loads((directory / "meta.json").read_text())
-        self.key, self.size = meta["key"], meta["size"]
+        self.size = meta["size"]
         self.shard = (meta["shard_index"], meta["shard_count"])
         self._sides = {}
         for side in meta["sides"]:
