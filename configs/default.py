@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.target_lang = "de"  # "de" or "zh" for the synthetic task
     config.data_dir = ""  # "folder": the train.xx/val.xx files; TFDS: its data dir ("" = default)
     config.vocab_size = 512  # joint sentencepiece vocabulary, trained into <workdir>/spm.model
+    # The tokenizer's normalisation: "identity", or "zh_hans" (Traditional Chinese characters
+    # read as Simplified ones; needs OpenCC when the tokenizer is trained).
+    config.tokenizer_normalization = "identity"
     config.max_source_len = 32  # tokens per source row, eos included
     config.max_target_len = 32  # tokens per target row, eos included
     config.pack = True  # pack several pairs per row (segment ids), else pad each pair

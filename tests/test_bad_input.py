@@ -180,6 +180,7 @@ def test_validate_lists_every_problem_at_once():
         "clip_norm": "-1.0",
         "weight_decay": "-0.1",
         "mesh": "(1,1)",
+        "tokenizer_normalization": "zh_hant",
     }
     config = _config(*(f"--config.{k}={v}" for k, v in bad.items()))
     with pytest.raises(recipe.ConfigError) as error:

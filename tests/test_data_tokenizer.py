@@ -7,6 +7,7 @@ import pytest
 
 from tfjax import data
 from tfjax.data import synthetic
+from tfjax.data.tokenizer import traditional_to_simplified
 
 EXTRA = ["Grüße aus Köln, 3,5 °C.", "你好，世界！", "Ça coûte 12 €."]
 
@@ -121,3 +122,45 @@ def test_a_vocabulary_too_small_for_the_characters_is_a_clear_error():
     sentences = [f"abc {chr(0x4E00 + i)}" for i in range(400)]
     with pytest.raises(ValueError, match="vocab_size=270 is too small.*raise vocab_size"):
         data.train_tokenizer(sentences, vocab_size=270)
+
+
+# Traditional -> Simplified pairs written out by hand, and a sentence in both scripts.
+HAND_PAIRS = {"國": "国", "們": "们", "愛": "爱", "見": "见", "說": "说", "車": "车", "門": "门"}
+TRADITIONAL, SIMPLIFIED = "我們明天開車去見他，好嗎？", "我们明天开车去见他，好吗？"
+
+
+@pytest.fixture(scope="module")
+def zh_hans(corpus):
+    return data.train_tokenizer(corpus + [TRADITIONAL], vocab_size=400, normalization="zh_hans")
+
+
+def test_zh_hans_rules_hold_the_hand_written_pairs():
+    rules = dict(traditional_to_simplified())
+    assert {t: rules.get(t) for t in HAND_PAIRS} == HAND_PAIRS
+    assert all(len(t) == len(s) == 1 and t != s for t, s in rules.items())
+    assert not set(SIMPLIFIED) & set(rules)  # Simplified characters stay as they are
+
+
+def test_zh_hans_reads_traditional_as_simplified(zh_hans, tokenizer):
+    assert zh_hans.normalization == "zh_hans" and tokenizer.normalization == "identity"
+    assert np.array_equal(zh_hans.encode(TRADITIONAL), zh_hans.encode(SIMPLIFIED))
+    assert zh_hans.decode(zh_hans.encode(TRADITIONAL)) == SIMPLIFIED
+    assert tokenizer.decode(tokenizer.encode(TRADITIONAL)) == TRADITIONAL  # identity keeps it
+    for text in EXTRA:  # everything else as identity: accents, full-width "，" and "！", "€"
+        assert zh_hans.decode(zh_hans.encode(text)) == text
+    restored = pickle.loads(pickle.dumps(zh_hans))  # the rules live in the model proto
+    assert restored.normalization == "zh_hans"
+    assert np.array_equal(restored.encode(TRADITIONAL), zh_hans.encode(SIMPLIFIED))
+
+
+def test_load_or_train_refuses_a_tokenizer_of_another_normalization(tmp_path, zh_hans):
+    path = tmp_path / "spm.model"
+    zh_hans.save(path)
+    with pytest.raises(ValueError, match="trained with tokenizer_normalization='zh_hans'"):
+        data.load_or_train_tokenizer(path, _Untouchable(), vocab_size=400)
+    loaded = data.load_or_train_tokenizer(
+        path, _Untouchable(), vocab_size=400, normalization="zh_hans"
+    )
+    assert loaded.model_proto == zh_hans.model_proto
+    with pytest.raises(ValueError, match="normalization='nfkc' must be one of"):
+        data.train_tokenizer(["a b c"], vocab_size=300, normalization="nfkc")

@@ -17,7 +17,15 @@ from etils import epath
 from flax import linen as nn
 
 from tfjax import checkpoint, train_lib
-from tfjax.data import PAD_ID, PipelineOptions, TaskData, TranslationData, prepare, prepare_task
+from tfjax.data import (
+    NORMALIZATIONS,
+    PAD_ID,
+    PipelineOptions,
+    TaskData,
+    TranslationData,
+    prepare,
+    prepare_task,
+)
 from tfjax.evaluate import EvalOptions
 from tfjax.model import Classifier, MaskedLM, Transformer, TransformerConfig, preset
 from tfjax.scheduled_sampling import ScheduledSampling
@@ -56,6 +64,7 @@ _RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
         lambda v: v >= MIN_VOCAB_SIZE,
         f">= {MIN_VOCAB_SIZE} (4 special ids and 256 bytes)",
     ),
+    (("tokenizer_normalization",), lambda v: v in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
     (
         ("mesh",),
         lambda v: len(v) == 3 and all(s == -1 or s >= 1 for s in v) and list(v).count(-1) <= 1,

@@ -134,6 +134,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         data.source("train"),
         vocab_size=config.vocab_size,
         user_symbols=(MASK_PIECE,) if recipe.encoder_only(config) else (),
+        normalization=config.tokenizer_normalization,
     )
     source = train_source(data, tokenizer, options, root)
     mesh = sharding.make_mesh(tuple(config.mesh))

@@ -5,16 +5,23 @@ Ids are fixed for every model tfjax trains: pad=0, unk=1, bos=2, eos=3; the piec
 target embeddings can be shared.
 
 Round trip: decode(encode(x)) == x for text without unusual whitespace. Normalisation is
-"identity" (NFKC would turn Chinese full-width punctuation such as "，" into ASCII), and byte
-fallback spells characters outside the vocabulary as UTF-8 bytes instead of <unk>. What does
-not survive: leading, trailing and repeated spaces are collapsed to one space, as
+"identity" by default (NFKC would turn Chinese full-width punctuation such as "，" into ASCII),
+and byte fallback spells characters outside the vocabulary as UTF-8 bytes instead of <unk>.
+What does not survive: leading, trailing and repeated spaces are collapsed to one space, as
 sentencepiece always does for its "▁" word boundary.
+
+Normalisation "zh_hans" maps Traditional Chinese characters to Simplified ones, character by
+character (OpenCC's t2s table, read when the tokenizer is trained), and leaves everything else
+as "identity" does. The rules are compiled into the sentencepiece model, so every encode of
+that model applies them (training data, evaluation, the translator, the server) and loading it
+needs no OpenCC; decode(encode(x)) then gives x in Simplified characters.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -27,6 +34,11 @@ UNK_ID = 1
 BOS_ID = 2
 EOS_ID = 3
 MASK_PIECE = "<mask>"  # masked-LM tokenizers have it as their first piece (id 4)
+NORMALIZATIONS = ("identity", "zh_hans")
+# Unicode blocks whose characters OpenCC may map: CJK radicals, unified ideographs with
+# extension A, compatibility ideographs, and the supplementary ideographic planes.
+_CJK_RANGES = ((0x2E80, 0x2FDF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF))
+_CJK_RANGES += ((0x20000, 0x323AF),)
 
 
 class Tokenizer:
@@ -67,6 +79,11 @@ class Tokenizer:
     def mask_id(self) -> int | None:
         """The id of MASK_PIECE, or None for a tokenizer trained without it (translation)."""
         return self.piece_id(MASK_PIECE)
+
+    @property
+    def normalization(self) -> str:
+        """The NORMALIZATIONS entry this model was trained with, read from its behaviour."""
+        return "zh_hans" if self._sp.normalize("國") == self._sp.normalize("国") else "identity"
 
     @property
     def vocab_size(self) -> int:
@@ -113,6 +130,7 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     max_sentences: int = 2_000_000,
     user_symbols: Sequence[str] = (),
+    normalization: str = "identity",
 ) -> Tokenizer:
     """Trains a sentencepiece model on `sentences` (both languages, for a joint vocabulary).
 
@@ -120,39 +138,67 @@ def train_tokenizer(
     does. Sentencepiece keeps a random sample of at most `max_sentences` of them. Rare
     characters beyond `character_coverage` are spelled as bytes (byte fallback).
     `user_symbols` (e.g. (MASK_PIECE,)) become single pieces right after the special ids, and
-    are never split when they occur in text.
+    are never split when they occur in text. `normalization`: one of NORMALIZATIONS (see the
+    module docstring).
     """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r} must be one of {NORMALIZATIONS}")
     model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            normalization_rule_name="identity",
-            byte_fallback=True,
-            # A soft limit, so a corpus with few distinct pieces still trains.
-            hard_vocab_limit=False,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-            user_defined_symbols=list(user_symbols),
-        )
-    except RuntimeError as e:
-        if "required_chars" not in str(e):
-            raise
-        # sentencepiece's message names its own source file; say which setting to change.
-        raise ValueError(
-            f"vocab_size={vocab_size} is too small for the corpus's distinct characters plus "
-            f"the special and user pieces; raise vocab_size ({e})"
-        ) from e
+    with tempfile.TemporaryDirectory() as scratch:
+        rules = _normalization_rules(normalization, scratch)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                pad_id=PAD_ID,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                byte_fallback=True,
+                # A soft limit, so a corpus with few distinct pieces still trains.
+                hard_vocab_limit=False,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+                user_defined_symbols=list(user_symbols),
+                **rules,
+            )
+        except RuntimeError as e:
+            if "required_chars" not in str(e):
+                raise
+            # sentencepiece's message names its own source file; say which setting to change.
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small for the corpus's distinct characters plus "
+                f"the special and user pieces; raise vocab_size ({e})"
+            ) from e
     return Tokenizer(model.getvalue())
+
+
+def _normalization_rules(normalization: str, folder: str) -> dict[str, str]:
+    """sentencepiece's normalisation arguments; "zh_hans" writes its rule file into `folder`."""
+    if normalization == "identity":
+        return {"normalization_rule_name": "identity"}
+    tsv = os.path.join(folder, "zh_hans.tsv")
+    with open(tsv, "w", encoding="utf-8") as f:  # hex code points: source TAB target
+        f.writelines(f"{ord(a):X}\t{ord(b):X}\n" for a, b in traditional_to_simplified())
+    return {"normalization_rule_tsv": tsv}
+
+
+def traditional_to_simplified() -> list[tuple[str, str]]:
+    """(Traditional, Simplified) character pairs of OpenCC's t2s conversion, one per character
+    it changes on its own (e.g. ("國", "国")); "zh_hans" normalisation's rules."""
+    try:
+        import opencc
+    except ImportError as e:
+        raise ImportError("normalization='zh_hans' needs OpenCC: pip install opencc") from e
+    chars = [chr(c) for low, high in _CJK_RANGES for c in range(low, high + 1)]
+    # One conversion call over all characters, a line each, so no two form a phrase.
+    converted = opencc.OpenCC("t2s").convert("\n".join(chars)).split("\n")
+    return [(a, b) for a, b in zip(chars, converted, strict=True) if len(b) == 1 and a != b]
 
 
 def _sample_sentences(source: Sequence[dict[str, str]], max_pairs: int, seed: int) -> Iterator[str]:
@@ -183,12 +229,17 @@ def load_or_train_tokenizer(
     max_pairs: int = 100_000,
     seed: int = 0,
     user_symbols: Sequence[str] = (),
+    normalization: str = "identity",
 ) -> Tokenizer:
     """Loads the model at `path` (e.g. `<workdir>/spm.model`), or trains and saves it there.
 
     Training reads both sides of up to `max_pairs` random examples of `train_source` (a
     sequence of {"source", "target"} dicts such as `TranslationData.source("train")`, or
-    of {"source"} dicts for encoder-only tasks); `user_symbols` as in `train_tokenizer`.
+    of {"source"} dicts for encoder-only tasks); `user_symbols` and `normalization` as in
+    `train_tokenizer`.
+
+    Raises:
+      ValueError: the model at `path` has more ids than vocab_size, or another normalisation.
     """
     path = epath.Path(path)
     if path.exists():
@@ -196,6 +247,11 @@ def load_or_train_tokenizer(
         if tokenizer.vocab_size > vocab_size:
             raise ValueError(
                 f"{path} has {tokenizer.vocab_size} ids, more than vocab_size={vocab_size}"
+            )
+        if tokenizer.normalization != normalization:
+            raise ValueError(
+                f"{path} was trained with tokenizer_normalization={tokenizer.normalization!r}, "
+                f"not {normalization!r}: use a new workdir, or the tokenizer's own setting"
             )
         logging.info("Loaded tokenizer %s: %d ids", path, tokenizer.vocab_size)
         return tokenizer
@@ -207,6 +263,7 @@ def load_or_train_tokenizer(
         model_type=model_type,
         max_sentences=2 * max_pairs,
         user_symbols=user_symbols,
+        normalization=normalization,
     )
     tokenizer.save(path)
     logging.info("Saved tokenizer %s: %d ids", path, tokenizer.vocab_size)
