@@ -112,9 +112,10 @@ def rolling_rows(
 ) -> Cache:
     """Fresh rows of a rolling cache (`tfjax.continuous`), one per source sentence.
 
-    Encoded at their own length S, then padded to `source_len`, the source length of the
+    Encoded, and their cross-attention keys and values projected, at their own length S;
+    then the source axis of the cache is padded to `source_len`, the source length of the
     running batch the rows join (its cache leaves must have equal shapes): the padding is
-    masked as any source padding is, and the encoder never runs over it.
+    masked as any source padding is, and neither the encoder nor the projections run over it.
 
     Args:
       model, params: as in `translate_greedy`.
@@ -127,9 +128,6 @@ def rolling_rows(
     """
     variables = {"params": params}
     encoded = model.apply(variables, inputs, method=model.encode)  # [n, S, D]
-    pad = source_len - inputs.shape[1]
-    encoded = jnp.pad(encoded, ((0, 0), (0, pad), (0, 0)))  # [n, source_len, D]
-    inputs = jnp.pad(inputs, ((0, 0), (0, pad)), constant_values=model.config.pad_id)
     _, state = model.apply(
         variables,
         encoded,
@@ -140,7 +138,21 @@ def rolling_rows(
         method=model.init_cache,
         mutable=["cache"],
     )
-    return state["cache"]
+    return _pad_source(state["cache"], source_len)
+
+
+def _pad_source(cache: Cache, source_len: int) -> Cache:
+    """The source axis S of a decode cache padded to `source_len`: the last axis of the
+    cross-attention keys and values [n, H, K, S] and of the source mask [n, 1, 1, S] (padded
+    with False: masked)."""
+
+    def pad(path: tuple, x: jax.Array) -> jax.Array:
+        name = jax.tree_util.keystr(path)
+        if "cross_attention" not in name and "source_mask" not in name:
+            return x
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, source_len - x.shape[-1])])
+
+    return jax.tree_util.tree_map_with_path(pad, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec", "num_steps"), donate_argnames="cache")
