@@ -12,7 +12,17 @@ import numpy as np
 from flax import linen as nn
 
 from tfjax.model.config import TransformerConfig
-from tfjax.model.layers import BATCH, EMBED, HEADS, KV, LENGTH, Dense, constrain, fused_dense
+from tfjax.model.layers import (
+    BATCH,
+    EMBED,
+    FUSE_MIN_ROWS,
+    HEADS,
+    KV,
+    LENGTH,
+    Dense,
+    constrain,
+    fused_dense,
+)
 
 
 class DecodePosition(NamedTuple):
@@ -85,7 +95,8 @@ class Attention(nn.Module):
                 k, v = self._cross_keys_values(memory, decode)  # [B', S, H, K] each
                 out = _grouped(self._attend, q, k, v, mask, deterministic)
         else:
-            q, k, v = fused_dense(x, [proj(name=n) for n in ("query", "key", "value")])
+            layers = [proj(name=n) for n in ("query", "key", "value")]
+            q, k, v = fused_dense(x, layers, min_rows=0 if stored else FUSE_MIN_ROWS)
             if stored:
                 out = self._decode_step(q, k, v, decode_position)
             else:
