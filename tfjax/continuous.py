@@ -214,10 +214,14 @@ class ContinuousDecoder:
         self._last = np.concatenate([self._last[keep], np.zeros(target - len(keep), np.int32)])
 
     def _admit(self) -> None:
-        """Moves waiting sentences into free rows, filled by one `start` call."""
+        """Moves waiting sentences into free rows, filled by one `start` call: as many as
+        the largest power of two that free rows and waiting sentences allow, since `start`
+        pads its sentences to a power of two and encoding a padding row cost about as much
+        as a sentence, while a row left free until the next call costs one row-step."""
         free = [r for r, row in enumerate(self._rows) if row is None][: self.waiting]
         if not free:
             return
+        free = free[: 1 << (len(free).bit_length() - 1)]
         taken = [self._waiting[i] for i in range(len(free))]
         fresh = self._start([ids for ids, _ in taken])  # should it fail, `drop` finds them
         for _ in free:
