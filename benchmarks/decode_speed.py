@@ -1,6 +1,7 @@
 """Decoding speed of tfjax beside torch Marian `generate` and CTranslate2, on the same weights.
 
   python benchmarks/decode_speed.py [--rounds=3] [--repeats=7] [--threads=2] [--budget_mib=1024]
+      [--max_isa=AVX2]
 
 The W-small model (shared vocabulary 8,000, d_model 256, 3 + 3 layers, 4 heads, d_ff 1024,
 fp32) is a randomly initialised transformers `MarianMTModel` (fixed seed), converted to tfjax
@@ -14,6 +15,12 @@ and CTranslate2 with 1 and with --threads threads. The runs are repeated in --ro
 interleaved rounds (every run once, then every run again), so that a slow spell of a shared
 machine lands on all engines rather than on one. A ratio is computed per round, to the
 reference's faster run in that round; the tables give its median over rounds and each round's.
+
+With --max_isa=AVX2 every engine is held to AVX2 kernels on a CPU that has AVX-512 (XLA's
+--xla_cpu_max_isa, CTranslate2's CT2_FORCE_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, oneDNN's
+ONEDNN_MAX_CPU_ISA, torch's ATEN_CPU_CAPABILITY, set for the timed processes): the kernels
+an AVX2-only machine runs, on this machine's caches and memory, which an AVX2-only machine
+of another kind does not share. The header says so.
 
 Printed and appended to benchmarks/RESULTS.md, under a header naming the CPU's vector ISA:
 - generated tokens/s (batch x 32 / seconds) and one-sentence greedy ms per token: each round's
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
 import statistics
 import subprocess
 import sys
@@ -58,11 +66,19 @@ _BUDGET = flags.DEFINE_integer("budget_mib", 1024, "memory budget for the cache-
 _WORKER = flags.DEFINE_string("worker", "", "internal: time this engine in this process")
 _SCRATCH = flags.DEFINE_string("scratch", "", "internal: the converted models' directory")
 _EXTRAS = flags.DEFINE_boolean("extras", False, "internal: also measure tfjax's extra tables")
+_MAX_ISA = flags.DEFINE_enum("max_isa", "", ["", "AVX2"], "hold every engine to AVX2 kernels")
 
 VOCAB, D_MODEL, LAYERS, HEADS, D_FF = 8000, 256, 3, 4, 1024
 EOS, UNK, PAD = 0, 1, VOCAB - 1  # Marian's layout: eos 0, unk 1, pad (= decoder start) last
 SOURCE_LEN, STEPS, BATCH, BEAM = 24, 32, 32, 4
 RESULTS = Path(__file__).with_name("RESULTS.md")
+# What holds each engine's kernels to AVX2 (--max_isa=AVX2), set for the timed processes.
+AVX2_ONLY = {
+    "CT2_FORCE_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
 WORKLOADS = {  # name -> (batch, beam)
     "beam4_b32": (BATCH, BEAM),
     "greedy_b32": (BATCH, 1),
@@ -355,6 +371,10 @@ def main(argv: list[str]) -> None:
         for engine in ("torch", "ct2", "ct2_int8")
         for threads in sorted({1, _THREADS.value})
     ]
+    env = dict(os.environ)
+    if _MAX_ISA.value:
+        env.update(AVX2_ONLY)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_max_isa=AVX2".strip()
     rounds = []
     for index in range(_ROUNDS.value):
         results = {}
@@ -369,7 +389,7 @@ def main(argv: list[str]) -> None:
             command += [f"--scratch={directory}", f"--repeats={_REPEATS.value}"]
             # The extra tables do not depend on the round: measure them once.
             command += [f"--extras={index == 0}"]
-            subprocess.run(command, check=True)
+            subprocess.run(command, check=True, env=env)
             results[engine, threads] = dict(np.load(directory / f"{engine}-{threads}.npz"))
         rounds.append(results)
     lines = report(rounds)
@@ -396,7 +416,7 @@ def report(rounds: list[dict[tuple[str, int], dict[str, np.ndarray]]]) -> list[s
     import torch
     import transformers
 
-    where = machine()
+    where = machine() + (", held to AVX2 kernels (--max_isa=AVX2)" if _MAX_ISA.value else "")
     versions = f"jax {jax.__version__}, torch {torch.__version__}, transformers "
     versions += f"{transformers.__version__}, ctranslate2 {ctranslate2.__version__}"
     lines = [
