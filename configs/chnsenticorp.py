@@ -4,7 +4,7 @@
       --config.data_dir=/path/to/chnsenticorp
 
 The folder holds train.tsv, dev.tsv and test.tsv (`label<TAB>sentence`, 1 = positive).
-Its dev and test share rows with train: `benchmarks/classification.py` reports test
+Its dev and test share rows with train: `benchmarks/encoder_quality.py --unseen` reports test
 accuracy on all rows and on the rows not in train. Results: README "Results".
 """
 
