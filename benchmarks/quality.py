@@ -3,11 +3,12 @@
   python benchmarks/quality.py --workdir=/tmp/m30k-de-en [--data_dir=/path/to/multi30k] \
       [--average=5,10] [--beam=5] [--alphas=0.6,1.0,1.4] [--train_time="6 min"] [--hardware=...]
 
-Candidates: the last checkpoint, the best-BLEU one and the average of the last K checkpoints
-for each K (written to <workdir>/average-K, as `python -m tfjax average` does). Each is decoded
-on the config's validation split greedily and with beam search at each length penalty; the
-candidate and decoding with the highest lowercased BLEU on validation are then scored on the
-test split, once. BLEU is sacreBLEU (13a tokenization) on detokenized text, cased and with
+Candidates: the last checkpoint, the best-BLEU one (when it is another step) and the average
+of the last K checkpoints for each K (written beside the workdir, to <workdir>-average-K, with
+`python -m tfjax average`'s code). Each is decoded on the config's validation split greedily
+and with beam search at each length penalty; the candidate and decoding with the highest
+lowercased BLEU on validation are then scored on the test split (--test_split, or the
+config's), once. BLEU is sacreBLEU (13a tokenization) on detokenized text, cased and with
 `-lc`; chrF beside it. The validation table shows what averaging and beam search buy; the
 result row (markdown, for the README) is printed and appended to benchmarks/QUALITY.md.
 """
@@ -38,6 +39,7 @@ _BATCH = flags.DEFINE_integer("batch", 128, "sentences per decoder call")
 _TRAIN_TIME = flags.DEFINE_string("train_time", "", "training wall-clock, for the table")
 _HARDWARE = flags.DEFINE_string("hardware", "", "where it trained, for the table")
 _OUTPUT = flags.DEFINE_string("output", "", "also write every figure here as JSON")
+_TEST_SPLIT = flags.DEFINE_string("test_split", "", "the split scored once; default: the config's")
 
 RESULTS = Path(__file__).with_name("QUALITY.md")
 
@@ -46,9 +48,13 @@ def candidates(workdir: str, averages: list[int]) -> dict[str, tuple[str, dict[s
     """name -> (workdir, Translator.from_workdir keyword arguments)."""
     out: dict[str, tuple[str, dict[str, Any]]] = {"last": (workdir, {})}
     if (epath.Path(workdir) / "best").exists():
-        out["best"] = (workdir, {"best": True})
+        if saved_step(workdir, best=True) != saved_step(workdir, best=False):
+            out["best"] = (workdir, {"best": True})
+        else:
+            print("best: the last checkpoint")
     for k in averages:
-        target = str(epath.Path(workdir) / f"average-{k}")
+        # Beside the workdir: an average may not be written inside its source.
+        target = f"{str(workdir).rstrip('/')}-average-{k}"
         if not (epath.Path(target) / "checkpoints").exists():
             try:
                 steps = checkpoint.average_checkpoints(workdir, target, k)
@@ -71,7 +77,10 @@ def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     workdir = _WORKDIR.value
     train, data = recipe.workdir_data(workdir, data_dir=_DATA_DIR.value)
-
+    test_split = _TEST_SPLIT.value or train.test_split
+    if not test_split:  # checked before hours of decoding, not after
+        raise app.UsageError("the workdir's config has no test split: pass --test_split=NAME")
+    test_source = data.source(test_split)
     val = data.source(train.eval_split).examples()
     decodings = [(1, 0.0)] + [(_BEAM.value, float(a)) for a in _ALPHAS.value]
     rows, best = [], None
@@ -92,15 +101,13 @@ def main(argv: list[str]) -> None:
                 best = (result, name, path, kwargs, beam, alpha, translator)
 
     _, name, path, kwargs, beam, alpha, translator = best
-    test = translator.evaluate(
-        data.source(train.test_split).examples(), beam_size=beam, alpha=alpha
-    )
+    test = translator.evaluate(test_source.examples(), beam_size=beam, alpha=alpha)
     params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(translator.params))
     step = saved_step(path, best=bool(kwargs))
     direction = f"{train.source_lang}→{train.target_lang}"
     corpus = Path(train.data_dir).name or train.dataset
     row = (
-        f"| {corpus} {train.test_split} | {direction} | {params / 1e6:.1f}M "
+        f"| {corpus} {test_split} | {direction} | {params / 1e6:.1f}M "
         f"| {step} | {_TRAIN_TIME.value or '?'} | {_HARDWARE.value or platform.machine()} "
         f"| {name}, beam {beam}, alpha {alpha:.1f} | {test['bleu_lowercase']:.2f} "
         f"| {test['bleu']:.2f} | {test['chrf']:.2f} |"
@@ -109,7 +116,7 @@ def main(argv: list[str]) -> None:
         "| data | direction | params | steps | wall-clock | hardware | model, decoding "
         "| BLEU -lc | sacreBLEU | chrF |\n|---|---|---|---|---|---|---|---|---|---|"
     )
-    print(f"\n{train.test_split} (scored once): {test['signature']}\n{header}\n{row}")
+    print(f"\n{test_split} (scored once): {test['signature']}\n{header}\n{row}")
     stamp = datetime.date.today().isoformat()
     beams = " | ".join(f"beam {_BEAM.value} α {a}" for a in _ALPHAS.value)
     table = [f"| model | greedy | {beams} |", "|---|" + "---|" * len(decodings)]
