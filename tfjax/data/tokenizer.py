@@ -37,8 +37,9 @@ MASK_PIECE = "<mask>"  # masked-LM tokenizers have it as their first piece (id 4
 NORMALIZATIONS = ("identity", "zh_hans")
 # Unicode blocks whose characters OpenCC may map: CJK radicals, unified ideographs with
 # extension A, compatibility ideographs, and the supplementary ideographic planes.
-_CJK_RANGES = ((0x2E80, 0x2FDF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF))
-_CJK_RANGES += ((0x20000, 0x323AF),)
+_CJK_RANGES = (
+    (0x2E80, 0x2FDF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x323AF),
+)  # fmt: skip
 
 
 class Tokenizer:
