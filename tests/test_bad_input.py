@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, train_command
 
 from tfjax import checkpoint, recipe, trainer
-from tfjax.cli import load_config
+from tfjax.cli import CommandError, load_config
 from tfjax.translator import Translator
 
 DEFAULT = str(ROOT / "configs" / "default.py")
@@ -127,12 +127,37 @@ def test_translator_refuses_a_batch_below_one(translator):
         Translator(translator.config, translator.params, translator.tokenizer, max_batch=0)
 
 
+def test_translator_refuses_a_length_penalty_that_is_not_a_number(translator):
+    with pytest.raises(ValueError, match="alpha=nan"):
+        translator.translate(["ein mann"], beam_size=2, alpha=float("nan"))
+
+
 @pytest.mark.parametrize(
-    "flag, value", [("--beam", "0"), ("--beam", "-3"), ("--batch", "0"), ("--show-probs", "-1")]
-)
+    "flag, value",
+    [
+        ("--beam", "0"), ("--beam", "-3"), ("--batch", "0"), ("--show-probs", "-1"),
+        ("--alpha", "nan"), ("--alpha", "inf"),
+    ],
+)  # fmt: skip
 def test_cli_translate_refuses_bad_numbers(uninterrupted, flag, value):
     out = _cli("translate", "--workdir", str(uninterrupted), flag, value, "ein mann")
     _assert_refused(out, f"{flag} {value}")
+
+
+def test_cli_serve_refuses_a_port_out_of_range(uninterrupted):
+    out = _cli("serve", "--workdir", str(uninterrupted), "--port", "65536")
+    _assert_refused(out, "--port 65536: must be at most 65535")
+
+
+def test_a_folder_without_checkpoints_is_named(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="is .* a training workdir"):
+        checkpoint.average_checkpoints(tmp_path, tmp_path.parent / "avg-out", 2)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in "):
+        checkpoint.read_meta(tmp_path)
+    # best/ is missing when no evaluation ran: not a question of the workdir being one.
+    with pytest.raises(checkpoint.CheckpointError, match=r"best does not exist$"):
+        checkpoint.restore_for_inference(tmp_path, best=True)
 
 
 def test_num_top_is_clamped_to_the_vocabulary(translator, caplog):
@@ -198,7 +223,7 @@ def test_every_shipped_config_is_valid(path):
 @pytest.mark.parametrize(
     "extra, fragments",
     [
-        (["--config.no_such_key=1"], ["no_such_key"]),
+        (["--config.no_such_key=1"], ["unknown field 'no_such_key'"]),
         (
             ["--config.learning_rate=-1", "--config.warmup_steps=-5"],
             ["learning_rate=-1", "warmup_steps=-5"],
@@ -226,3 +251,21 @@ def test_a_bad_config_with_a_teacher_writes_nothing(uninterrupted, tmp_path):
     with pytest.raises(recipe.ConfigError, match="clip_norm=-1"):
         trainer.train_and_evaluate(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (None, "no such recipe file"),
+        ("def get_config(:\n", "recipe.py:1: SyntaxError"),
+        ("def get_config():\n    return 1 / 0\n", "recipe.py:2: ZeroDivisionError"),
+    ],
+    ids=["missing", "syntax", "raises"],
+)
+def test_a_recipe_that_cannot_load_is_one_line(tmp_path, text, fragment):
+    path = tmp_path / "recipe.py"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(CommandError) as refused:
+        load_config(str(path))
+    assert fragment in str(refused.value) and "\n" not in str(refused.value)

@@ -124,6 +124,11 @@ class Checkpointer:
 
 
 def _step_dir(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+    if not directory.exists():
+        # best/ is missing from a workdir that has checkpoints/ when no evaluation ran.
+        workdir = directory.parent
+        hint = "" if (workdir / "checkpoints").exists() else f"; is {workdir} a training workdir?"
+        raise CheckpointError(f"{directory} does not exist{hint}")
     manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True),
@@ -134,9 +139,11 @@ def _step_dir(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointMa
             data=grain.checkpoint.CheckpointHandler(),
         ),
     )
+    found = manager.all_steps()
+    if not found:
+        raise CheckpointError(f"no checkpoint in {directory}")
     step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        found = manager.all_steps()
+    if step not in found:
         raise CheckpointError(f"no checkpoint step {step} in {directory} (found {found})")
     return manager, step
 
@@ -158,10 +165,7 @@ def restore_for_inference(
 
     Restores onto whatever devices this process has (e.g. one CPU), whatever mesh wrote it.
     """
-    root = epath.Path(workdir)
-    directory = root / ("best" if best else "checkpoints")
-    if not directory.exists():
-        raise CheckpointError(f"{directory} does not exist; is {workdir} a training workdir?")
+    directory = epath.Path(workdir) / ("best" if best else "checkpoints")
     manager, step = _step_dir(directory, step)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
     try:

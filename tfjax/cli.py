@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging as std_logging
+import math
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from absl import logging
@@ -27,6 +29,7 @@ _LOWEST = {
     "no_repeat_ngram_size": 0, "max_length": 1, "max_batch": 1, "max_tokens": 1,
     "max_queue": 1, "port": 0,
 }  # fmt: skip
+_HIGHEST = {"port": 65535}
 
 
 class CommandError(Exception):
@@ -175,6 +178,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> object:
     from absl import flags
     from ml_collections import config_flags
 
+    if not os.path.isfile(path):
+        raise CommandError(f"{path}: no such recipe file", status=2)
     argv = ["tfjax", f"--config={path}", *overrides]
     values = flags.FlagValues()
     # sys_argv: the overrides are read from these arguments, not from this process's sys.argv.
@@ -184,8 +189,33 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> object:
     try:
         values(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
-        raise CommandError(f"{path}: {e}", status=2) from e
+        raise CommandError(f"{path}: {_one_line(e)}", status=2) from e
+    except Exception as e:  # the recipe's own code failed: name its line, not ours
+        raise CommandError(f"{_recipe_line(path, e)}: {type(e).__name__}: {e}", status=2) from e
     return values.config
+
+
+def _recipe_line(path: str, error: Exception) -> str:
+    """path:LINE of the innermost frame of `error` in the recipe file (path alone if none)."""
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f"{path}:{error.lineno}"
+    lines = [
+        frame.lineno
+        for frame in traceback.extract_tb(error.__traceback__)
+        if os.path.abspath(frame.filename) == os.path.abspath(path)
+    ]
+    return f"{path}:{lines[-1]}" if lines else path
+
+
+def _one_line(error: BaseException) -> str:
+    """ml_collections' message for a bad override, on one line: it wraps a KeyError (an
+    unknown field, with a "Did you mean" line) in another exception."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
+        name, *rest = error.args[0].splitlines()
+        return "; ".join([f"unknown field {name}", *rest])
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def quiet_library_logs() -> None:
@@ -526,12 +556,15 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    """Refuse a numeric argument below its smallest value (`_LOWEST`)."""
-    for name, lowest in _LOWEST.items():
-        value = getattr(args, name, None)
-        if value is not None and value < lowest:
-            flag = "--show-probs" if name == "show_probs" else f"--{name}"  # as spelt
-            raise CommandError(f"{flag} {value}: must be at least {lowest}", status=2)
+    """Refuse a numeric argument outside its range (`_LOWEST`, `_HIGHEST`) or not finite."""
+    for name, value in vars(args).items():
+        flag = "--show-probs" if name == "show_probs" else f"--{name}"  # as spelt
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CommandError(f"{flag} {value}: must be a finite number", status=2)
+        if name in _LOWEST and value is not None and value < _LOWEST[name]:
+            raise CommandError(f"{flag} {value}: must be at least {_LOWEST[name]}", status=2)
+        if name in _HIGHEST and value is not None and value > _HIGHEST[name]:
+            raise CommandError(f"{flag} {value}: must be at most {_HIGHEST[name]}", status=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

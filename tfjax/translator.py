@@ -8,6 +8,7 @@ of `LENGTH_BUCKET`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,8 @@ class Translator:
         controls = self._controls(controls)
         if beam_size < 1:
             raise ValueError(f"beam_size={beam_size}: must be at least 1 (1 is greedy)")
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha={alpha}: must be a finite number")
         if num_top < 0:
             raise ValueError(f"num_top={num_top}: must be at least 0 (0 shows no alternatives)")
         vocab = self.config.target_vocab
