@@ -7,7 +7,7 @@ A workdir with checkpoints is resumed from its latest one. The same command as
 
 import sys
 
-from tfjax.cli import main
+from tfjax.cli import exit_with, main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    exit_with(main(["train", *sys.argv[1:]]))

@@ -1,6 +1,8 @@
 """train.py end to end on a tiny corpus: exact resume after SIGKILL, SIGTERM, bad input."""
 
+import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -198,9 +200,6 @@ def test_an_older_data_position_resumes_the_weights_and_test_split_empty_skips_t
 ):
     """One resumed run checks two things: a data position written by the input pipeline of
     earlier versions, and `test_split=""` (no end-of-run test pass)."""
-    import json
-    import shutil
-
     old = tmp_path / "old"
     shutil.copytree(uninterrupted, old)
     (position,) = (old / "checkpoints" / str(STEPS) / "data").glob("*.json")
@@ -216,6 +215,28 @@ def test_an_older_data_position_resumes_the_weights_and_test_split_empty_skips_t
     assert f"Resumed from step {STEPS}" in out.stderr
     assert max(train_losses(old)) == STEPS + 10
     assert "No test pass" in out.stderr and "exact match" not in out.stdout
+
+
+def test_a_corrupt_latest_checkpoint_is_named_with_the_way_back(corpus, uninterrupted, tmp_path):
+    """A resume whose newest checkpoint cannot be read stops with one line saying which step
+    to fall back to, and leaves the checkpoints as they were."""
+    workdir = tmp_path / "w"
+    shutil.copytree(uninterrupted, workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for data in (workdir / "checkpoints" / str(steps[-1]) / "state" / "d").iterdir():
+        data.write_bytes(data.read_bytes()[:100])
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    out = subprocess.run(
+        train_command(workdir, corpus, steps=STEPS + 10), capture_output=True, text=True
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert lines[-1].startswith(f"error: checkpoint {workdir}/checkpoints/{steps[-1]}: ")
+    assert lines[-1].endswith(
+        f"to resume from step {steps[-2]}, move {workdir}/checkpoints/{steps[-1]} aside"
+    )
+    assert "tensorstore_spec" not in lines[-1]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
 def test_missing_checkpoint_is_reported(tmp_path):

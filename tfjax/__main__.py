@@ -1,7 +1,5 @@
 """Entry point of `python -m tfjax`."""
 
-import sys
+from tfjax.cli import exit_with, main
 
-from tfjax.cli import main
-
-sys.exit(main())
+exit_with(main())

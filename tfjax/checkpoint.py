@@ -110,7 +110,9 @@ class Checkpointer:
         try:
             restored = self.latest.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, FileNotFoundError, OSError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {self.latest.directory / str(step)}: {e}") from e
+            path, earlier = self.latest.directory / str(step), self.latest.all_steps()[:-1]
+            hint = f"; to resume from step {earlier[-1]}, move {path} aside" if earlier else ""
+            raise CheckpointError(f"checkpoint {path}: {_reason(e)}{hint}") from e
         return restored.state
 
     def wait(self) -> None:
@@ -121,6 +123,18 @@ class Checkpointer:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _reason(error: Exception) -> str:
+    """An Orbax/TensorStore error's message without the store's JSON spec, and a KeyError's
+    without its quotes."""
+    if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
+        return error.args[0]
+    return str(error).split(" [tensorstore_spec")[0]
+
+
+def _unreadable(directory: epath.Path, step: int, error: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {_reason(error)}")
 
 
 def _step_dir(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointManager, int]:
@@ -155,7 +169,7 @@ def read_meta(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
     try:
         return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {e}") from e
+        raise _unreadable(directory, step, e) from e
 
 
 def restore_for_inference(
@@ -189,7 +203,7 @@ def restore_for_inference(
             ),
         )
     except (ValueError, FileNotFoundError, OSError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {e}") from e
+        raise _unreadable(directory, step, e) from e
     config = config_from_json(meta["model"])
     tokenizer = np.asarray(restored.assets["tokenizer"]).tobytes()
     return config, restored.state["params"], tokenizer, meta

@@ -17,6 +17,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from absl import logging
 from tqdm import tqdm
@@ -567,6 +568,17 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise CommandError(f"{flag} {value}: must be at most {_HIGHEST[name]}", status=2)
 
 
+def exit_with(status: int) -> NoReturn:
+    """Leave the process with `status`. A failure leaves without the interpreter's shutdown:
+    a failed checkpoint read can leave TensorStore reads in flight whose callbacks, landing
+    on Orbax's closed event loop, would print tracebacks after the one `error:` line."""
+    if status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -586,10 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
     }
     try:
+        _check_numbers(args)
         if args.command in _RECIPE_COMMANDS:
             run = {"train": _train, "precompile": _precompile}[args.command]
             return run(args, extra)
-        _check_numbers(args)
         return commands[args.command](args)
     except Exception as e:
         if os.environ.get("TFJAX_TRACEBACK") or not isinstance(e, _expected_errors()):

@@ -376,11 +376,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     options = dataclasses.replace(options, masking=run.masking)
     if teacher:
         options = dataclasses.replace(options, distill=teacher[0])
-    state, shardings = create_or_restore(run, optimizer, encoder_params)
-    step_fn = train_lib.JittedTrainStep(run.model, optimizer, shardings, run.mesh, options)
-    if teacher:
-        step_fn = _with_teacher(run, step_fn, *teacher)
+    # Closed on every way out: Orbax's threads otherwise outlive the event loop they report
+    # to, and exit prints their "Event loop is closed" tracebacks after our error line.
     try:
+        state, shardings = create_or_restore(run, optimizer, encoder_params)
+        step_fn = train_lib.JittedTrainStep(run.model, optimizer, shardings, run.mesh, options)
+        if teacher:
+            step_fn = _with_teacher(run, step_fn, *teacher)
         return _loop(run, state, step_fn)
     finally:
         run.checkpointer.close()
