@@ -196,3 +196,63 @@ def test_distill_data_writes_the_teachers_translations(uninterrupted, corpus, tm
     translator = Translator.from_workdir(uninterrupted)
     expected = [t.text for t in translator.translate(sources[:8], beam_size=2, alpha=0.6)]
     assert targets[:8] == expected
+
+
+class _Interrupted:
+    """A teacher whose translation stream stops with Ctrl-C after `after` sentences (None:
+    never); records how many sources each call asked for."""
+
+    def __init__(self, translator: Translator, after: int | None) -> None:
+        self.translator, self.after, self.asked = translator, after, []
+
+    def __getattr__(self, name):
+        return getattr(self.translator, name)
+
+    def translate_stream(self, sources, **kwargs):
+        self.asked.append(len(sources))
+        for i, t in enumerate(self.translator.translate_stream(sources, **kwargs)):
+            if i == self.after:
+                raise KeyboardInterrupt
+            yield t
+
+
+def test_distill_data_resumes_after_an_interruption(uninterrupted, tmp_path):
+    """Ctrl-C mid-train loses nothing translated: the rerun asks the teacher only for the
+    rest, drops a line the interruption cut, and writes what one uninterrupted run writes."""
+    train, data = recipe.workdir_data(str(uninterrupted))
+    langs = (train.source_lang, train.target_lang)
+    # Batches of 16 and a stop at 32: the resumed batches are the uninterrupted run's own, so
+    # even ties decide alike.
+    translator = Translator.from_workdir(uninterrupted, max_batch=16)
+    write = lambda teacher, out: distill.write_distillation_data(  # noqa: E731
+        teacher, data, langs, str(out), beam_size=1, alpha=0.6
+    )
+    whole = write(translator, tmp_path / "whole")
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        write(_Interrupted(translator, after=32), out)
+    assert not (out / "train.en").exists()  # train is written last, and whole
+    partial = out / distill.PARTIAL
+    assert len(partial.read_text().splitlines()) == 1 + 32
+    with partial.open("a") as f:
+        f.write('"a line cut sho')
+    teacher = _Interrupted(translator, after=None)
+    write(teacher, out)
+    sources = len((whole / "train.de").read_text().splitlines())
+    assert teacher.asked == [data.split_sizes["train"] - 32] and sources > 32
+    for name in sorted(p.name for p in whole.iterdir()):
+        assert (out / name).read_text() == (whole / name).read_text(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
+
+
+def test_distill_data_starts_over_on_another_teachers_partial(uninterrupted, tmp_path):
+    train, data = recipe.workdir_data(str(uninterrupted))
+    translator = _Interrupted(Translator.from_workdir(uninterrupted, max_batch=16), None)
+    (tmp_path / distill.PARTIAL).write_text('{"teacher": "another"}\n"a translation"\n')
+    distill.write_distillation_data(
+        translator, data, (train.source_lang, train.target_lang), str(tmp_path), beam_size=1,
+        alpha=0.6,
+    )  # fmt: skip
+    assert translator.asked == [data.split_sizes["train"]]
+    assert "a translation" not in (tmp_path / "train.en").read_text()

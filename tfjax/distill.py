@@ -16,10 +16,13 @@ distillation (training on the teacher's beam-search translations) is data, not a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 from tqdm import tqdm
 
@@ -98,19 +101,80 @@ def write_distillation_data(
     <split>.<target lang> into `output`; train's targets are the teacher's beam-search
     translations, the other splits keep their references. Pairs whose translation is empty
     are left out. Returns the folder.
+
+    Nothing is lost to an interruption: each translation is appended to `output`/PARTIAL as
+    it is made, and a rerun with the same teacher, sources and settings translates only the
+    rest. Each file is written whole (a temporary name, then a rename), train's last.
     """
     out = epath.Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    for split in data.split_sizes:
+    for split in sorted(data.split_sizes, key=lambda name: name == "train"):
         pairs = [(e["source"], e["target"]) for e in data.source(split).examples()]
         if split == "train":
             sources = [s for s, _ in pairs]
-            stream = translator.translate_stream(sources, beam_size=beam_size, alpha=alpha)
-            translated = tqdm(stream, total=len(sources), desc="teacher")
-            pairs = [(s, t.text) for s, t in zip(sources, translated, strict=True) if t.text]
+            targets = _teacher_translations(translator, sources, out / PARTIAL, beam_size, alpha)
+            pairs = [(s, t) for s, t in zip(sources, targets, strict=True) if t]
             if len(pairs) < len(sources):
                 print(f"left out {len(sources) - len(pairs)} pairs whose translation was empty")
-        (out / f"{split}.{langs[0]}").write_text("".join(s + "\n" for s, _ in pairs))
-        (out / f"{split}.{langs[1]}").write_text("".join(t + "\n" for _, t in pairs))
+        _write_whole(out / f"{split}.{langs[0]}", "".join(s + "\n" for s, _ in pairs))
+        _write_whole(out / f"{split}.{langs[1]}", "".join(t + "\n" for _, t in pairs))
         print(f"{split}: {len(pairs)} pairs", flush=True)
+    (out / PARTIAL).unlink(missing_ok=True)
     return out
+
+
+# The teacher's train translations made so far: a key line, then one JSON string per source.
+PARTIAL = ".train.partial"
+
+
+def _teacher_translations(
+    translator: Translator, sources: list[str], partial: epath.Path, beam_size: int, alpha: float
+) -> list[str]:
+    """The teacher's translation of each source, resuming from (and appending to) `partial`."""
+    key = _key(translator, sources, beam_size, alpha)
+    done = _resumed(partial, key)
+    if done:
+        print(f"resuming: {len(done)} of {len(sources)} train sentences translated before")
+    stream = translator.translate_stream(sources[len(done) :], beam_size=beam_size, alpha=alpha)
+    with partial.open("a") as f:
+        for t in tqdm(stream, total=len(sources), initial=len(done), desc="teacher"):
+            f.write(json.dumps(t.text) + "\n")
+            f.flush()  # an interruption loses at most the line being written
+            done.append(t.text)
+    return done
+
+
+def _key(translator: Translator, sources: list[str], beam_size: int, alpha: float) -> str:
+    """What decides the translations: the teacher's weights and tokenizer, its limits, the
+    sources and the beam settings, hashed."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(translator.params)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    digest.update(translator.tokenizer.model_proto)
+    digest.update("\n".join(sources).encode())
+    limits = (translator.max_source_len, translator.max_decode_len, beam_size, alpha)
+    return json.dumps(dict(teacher=digest.hexdigest(), limits_beam_alpha=limits))
+
+
+def _resumed(partial: epath.Path, key: str) -> list[str]:
+    """The translations `partial` holds under `key`, the file rewritten to exactly those
+    (a line cut by the interruption is dropped); a partial of other settings is restarted."""
+    lines = partial.read_text().splitlines() if partial.exists() else []
+    done = []
+    if lines and lines[0] == key:
+        for line in lines[1:]:
+            try:
+                done.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    elif lines:
+        print(f"{partial} holds another teacher's or settings' translations: starting over")
+    _write_whole(partial, key + "\n" + "".join(json.dumps(t) + "\n" for t in done))
+    return done
+
+
+def _write_whole(path: epath.Path, text: str) -> None:
+    """`path` holds `text` or what it held before, never a part of it."""
+    part = path.parent / f".{path.name}.tmp"
+    part.write_text(text)
+    part.replace(path)
