@@ -71,15 +71,16 @@ def test_resume_after_sigkill_is_bit_identical(corpus, uninterrupted, tmp_path):
         assert loss == reference[step], (step, loss, reference[step])  # bit-identical
 
 
-def test_sigterm_saves_before_exit(corpus, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_and_ctrl_c_save_before_exit(corpus, tmp_path, signum):
     workdir = tmp_path / "preempted"
     process, rest = _run_until(
-        train_command(workdir, corpus, steps=1000), "Checkpoint 10: saving", signal.SIGTERM
+        train_command(workdir, corpus, steps=1000), "Checkpoint 10: saving", signum
     )
     assert process.returncode == 0, rest[-3000:]
     step = checkpoint.Checkpointer(workdir, async_saves=False).latest_step()
     assert step is not None and 10 <= step < 1000
-    assert f"Saved step {step} after SIGTERM" in rest
+    assert f"Saved step {step} after {signum.name}" in rest
 
 
 def test_a_kill_during_a_checkpoint_write_never_restores_the_partial_step(

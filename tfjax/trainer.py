@@ -271,29 +271,33 @@ class _Preemption:
 
     Checked after every step, and the loop keeps at most one step queued behind the running
     one, so the save starts within about two step times of the signal, however long a step
-    is. One process: our own SIGTERM flag. Several: JAX's preemption sync point, whose
-    coordination service hears SIGTERM on any host and names the next step every host will
-    reach; asking costs a local read, not a collective.
+    is. One process: our own flag, set by SIGTERM or a first Ctrl-C (SIGINT; a second one
+    stops at once). Several: JAX's preemption sync point, whose coordination service hears
+    SIGTERM on any host and names the next step every host will reach; asking costs a local
+    read, not a collective.
     """
 
     def __init__(self) -> None:
         self.multihost = jax.process_count() > 1
-        self.requested = False
+        self.requested = ""  # the signal's name, once one came
         # Several processes: JAX's own handler (installed by jax.distributed) must keep SIGTERM.
-        self._previous = None if self.multihost else signal.signal(signal.SIGTERM, self._handle)
+        signals = () if self.multihost else (signal.SIGTERM, signal.SIGINT)
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        logging.warning("SIGTERM: saving a checkpoint before exiting")
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C again: the user will not wait for the save
+        self.requested = signal.Signals(signum).name
+        logging.warning("%s: saving a checkpoint before exiting", self.requested)
 
     def due(self, step: int) -> bool:
         if self.multihost:
             return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+        return bool(self.requested)
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _summaries(metrics: dict[str, Any], seconds: float, steps: int) -> dict[str, float]:
@@ -460,7 +464,9 @@ def _loop(run: Run, state: train_lib.TrainState, step_fn) -> dict[str, Any]:
                 if last_good != step:
                     _save(run, state, step)
                 run.checkpointer.wait()
-                logging.warning("Saved step %d after SIGTERM; exiting", step)
+                logging.warning(
+                    "Saved step %d after %s; exiting", step, preemption.requested or "SIGTERM"
+                )
                 return {"preempted_at": step}
         run.checkpointer.wait()
         return _final(run, state.params)
