@@ -68,6 +68,11 @@ def test_pipeline_output_warnings_and_min_length(workdir, caplog):
     summarize("Ben: hi", max_length=10, min_length=12)
     assert "min_length=12 is more than max_length=10" in caplog.text
     assert "a summary is usually shorter" in caplog.text
+    caplog.clear()
+    limit = summarize.translator.max_decode_len
+    with pytest.raises(ValueError, match=f"max_length={limit + 1}: this model writes 1 to {limit}"):
+        summarize(dialogue, max_length=limit + 1)
+    assert not caplog.text  # refused before HF's length warnings
 
 
 def test_cli_evaluate_rouge_equals_rouge_of_the_pipeline(workdir, samsum_like, capsys):

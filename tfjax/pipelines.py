@@ -368,7 +368,7 @@ class TranslationPipeline:
         """
         texts, _ = _texts(inputs)
         if "max_length" in controls:
-            controls["max_decode_len"] = controls.pop("max_length")
+            controls["max_decode_len"] = self._checked_max_length(controls.pop("max_length"))
         out = []
         for t in self.translator.translate(
             texts, beam_size=num_beams, alpha=length_penalty,
@@ -383,6 +383,15 @@ class TranslationPipeline:
             out.append(result)
         return out
 
+    def _checked_max_length(self, value: int | None) -> int | None:
+        """HF's max_length, refused in its own name when this model cannot write it."""
+        if value is not None and not 1 <= value <= self.translator.max_decode_len:
+            raise ValueError(
+                f"max_length={value}: this model writes 1 to "
+                f"{self.translator.max_decode_len} pieces"
+            )
+        return value
+
 
 class SummarizationPipeline(TranslationPipeline):
     """HF's "summarization": {"summary_text"} per text, with HF's length warnings."""
@@ -393,7 +402,8 @@ class SummarizationPipeline(TranslationPipeline):
         """As `TranslationPipeline`; warns, as HF does, when max_length is below min_length
         or above the input's length in pieces (summaries are meant to be shorter)."""
         texts, _ = _texts(inputs)
-        longest = options.get("max_length") or self.translator.max_decode_len
+        longest = self._checked_max_length(options.get("max_length"))
+        longest = longest or self.translator.max_decode_len
         if options.get("min_length", 0) > longest:
             logging.warning(
                 "min_length=%d is more than max_length=%d", options["min_length"], longest
