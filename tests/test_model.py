@@ -12,7 +12,7 @@ from flax import linen as nn
 from tfjax import beam_search
 from tfjax.model import Transformer, TransformerConfig, preset
 from tfjax.model.attention import Attention
-from tfjax.model.layers import AXES, EMBED, HEADS, KV, LENGTH, MLP, VOCAB, sinusoids
+from tfjax.model.layers import AXES, EMBED, HEADS, KV, LENGTH, MLP, VOCAB, product, sinusoids
 from tfjax.model.transformer import tied_logits
 from tfjax.sharding import DEFAULT_RULES
 
@@ -321,6 +321,36 @@ def test_bf16_compute_stays_close_to_fp32(tiny):
     # bf16 keeps 8 significant bits; on this tiny model the probabilities move by < 0.02.
     assert float(jnp.abs(p32 - p16).max()) < 0.02
     assert float(jnp.mean(jnp.argmax(fp32, -1) == jnp.argmax(bf16, -1))) > 0.9
+
+
+@pytest.mark.parametrize(
+    "x_shape, k_shape, n_in",
+    [((3, 5, 8), (8, 2, 4), 1), ((3, 5, 2, 4), (2, 4, 8), 2), ((7, 8), (8, 6), 1)],
+    ids=["D->HK", "HK->D", "2d"],
+)
+def test_bf16_products_and_their_gradients_match_float64(x_shape, k_shape, n_in):
+    """Value and both gradients of the bf16 product against float64 NumPy on the same
+    bf16-rounded numbers: each result is the exact product rounded once to bf16."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=k_shape), jnp.bfloat16)
+    w = rng.normal(size=(*x_shape[: len(x_shape) - n_in], *k_shape[n_in:]))  # loss weights
+    y, pull = jax.vjp(lambda a, b: product(a, b, n_in), x, k)
+    dx, dk = pull(jnp.asarray(w, jnp.bfloat16))
+    x64, k64, w64 = (np.asarray(a, np.float64) for a in (x, k, jnp.asarray(w, jnp.bfloat16)))
+    batch = x64.ndim - n_in
+    y_ref = np.tensordot(x64, k64, axes=n_in)
+    dx_ref = np.tensordot(w64, k64, axes=(range(batch, w64.ndim), range(n_in, k64.ndim)))
+    dk_ref = np.tensordot(x64, w64, axes=(range(batch), range(batch)))
+    for got, ref in ((y, y_ref), (dx, dx_ref), (dk, dk_ref)):
+        assert got.dtype == jnp.bfloat16 and got.shape == ref.shape
+        rounded = np.asarray(jnp.asarray(ref, jnp.bfloat16), np.float64)
+        # One rounding of an f32 sum: at most one bf16 step (2^-7 relative) from the exact
+        # value's own rounding; a bf16 accumulation over 8+ terms drifts further.
+        np.testing.assert_allclose(np.asarray(got, np.float64), rounded, rtol=2**-7, atol=1e-6)
+    # float32 is the plain product.
+    x32, k32 = x.astype(jnp.float32), k.astype(jnp.float32)
+    np.testing.assert_allclose(product(x32, k32, n_in), y_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_is_active_only_when_not_deterministic():
