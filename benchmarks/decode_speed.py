@@ -6,14 +6,15 @@
 The W-small model (shared vocabulary 8,000, d_model 256, 3 + 3 layers, 4 heads, d_ff 1024,
 fp32) is a randomly initialised transformers `MarianMTModel` (fixed seed), converted to tfjax
 with `tfjax.interop.from_marian` and to CTranslate2 with its own Transformers converter, so the
-three engines run one set of weights. Workloads (random source ids, fixed seed, 24 source
-tokens ending in eos): batch 32 beam 4, batch 32 greedy and one sentence greedy, each exactly
-32 generated tokens (eos is banned before the 32nd step in every engine). Greedy outputs are
-compared token for token across engines, beam outputs by their best hypothesis. Each engine
-runs in its own process (on 2 cores one engine's spinning thread pool slows the next), torch
-and CTranslate2 with 1 and with --threads threads. The runs are repeated in --rounds
-interleaved rounds (every run once, then every run again), so that a slow spell of a shared
-machine lands on all engines rather than on one. A ratio is computed per round, to the
+three engines run one set of weights; tfjax also runs it in bfloat16 (parameters and compute,
+float32 accumulation), its outputs compared with fp32's. Workloads (random source ids, fixed
+seed, 24 source tokens ending in eos): batch 32 beam 4, batch 32 greedy and one sentence
+greedy, each exactly 32 generated tokens (eos is banned before the 32nd step in every engine).
+Greedy outputs are compared token for token across engines, beam outputs by their best
+hypothesis. Each engine runs in its own process (on 2 cores one engine's spinning thread pool
+slows the next), torch and CTranslate2 with 1 and with --threads threads. The runs are repeated
+in --rounds interleaved rounds (every run once, then every run again), so that a slow spell of
+a shared machine lands on all engines rather than on one. A ratio is computed per round, to the
 reference's faster run in that round; the tables give its median over rounds and each round's.
 
 With --max_isa=AVX2 every engine is held to AVX2 kernels on a CPU that has AVX-512 (XLA's
@@ -37,6 +38,7 @@ Outputs are compared, and the last three are measured, in round 1 only.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import os
@@ -186,11 +188,16 @@ def marian_spec(processor: decode.LogitsProcessor) -> decode.DecodeSpec:
 
 
 class TfjaxEngine:
-    """tfjax's jitted decoders over the converted parameters."""
+    """tfjax's jitted decoders over the converted parameters (bf16: parameters and compute
+    in bfloat16, products accumulated in float32)."""
 
-    def __init__(self, converted: MarianImport) -> None:
-        self.model = Transformer(converted.config)
-        self.params = jax.device_put(converted.params)
+    def __init__(self, converted: MarianImport, bf16: bool = False) -> None:
+        config, params = converted.config, converted.params
+        if bf16:
+            config = dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+            params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+        self.model = Transformer(config)
+        self.params = jax.device_put(params)
         self.processor = ban_eos_before(STEPS)  # one object: one compiled program per shape
 
     def decode(
@@ -328,8 +335,8 @@ def worker(engine: str, threads: int, scratch: Path, with_extras: bool) -> None:
     """Times one engine on every workload in this fresh process; writes <scratch>/<run>.npz."""
     hf_dir = scratch / "hf"
     extras: list[str] = []
-    if engine == "tfjax":
-        tfjax = TfjaxEngine(load_marian(hf_dir))
+    if engine.startswith("tfjax"):
+        tfjax = TfjaxEngine(load_marian(hf_dir), bf16=engine == "tfjax_bf16")
         run = tfjax.run
     elif engine == "torch":
         import torch
@@ -366,7 +373,7 @@ def main(argv: list[str]) -> None:
     hf.save_pretrained(directory / "hf")
     for quantization in (None, "int8"):
         ct2_convert(directory, quantization)
-    runs = [("tfjax", 0)] + [
+    runs = [("tfjax", 0), ("tfjax_bf16", 0)] + [
         (engine, threads)
         for engine in ("torch", "ct2", "ct2_int8")
         for threads in sorted({1, _THREADS.value})
@@ -422,8 +429,9 @@ def report(rounds: list[dict[tuple[str, int], dict[str, np.ndarray]]]) -> list[s
     lines = [
         f"### decode_speed, {datetime.date.today()}, {where}, {versions}, {code_version()}",
         "",
-        f"W-small fp32, source {SOURCE_LEN} tokens, {STEPS} generated tokens per sentence; "
-        f"each engine timed in its own process, in {len(rounds)} interleaved rounds.",
+        f"W-small fp32 (tfjax_bf16: bfloat16), source {SOURCE_LEN} tokens, {STEPS} generated "
+        f"tokens per sentence; each engine timed in its own process, in {len(rounds)} "
+        "interleaved rounds.",
         "",
         "| workload | engine | threads | figure | median | min-max | vs torch | vs ct2 fp32 |",
         "|---|---|---|---|---|---|---|---|",
