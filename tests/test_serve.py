@@ -19,6 +19,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from tfjax import continuous, generate, pipelines, serve
+from tfjax.serve.app import MAX_BODY_BYTES
 from tfjax.translator import Translator
 
 SENTENCES = ["ein mann fährt fahrrad", "zwei kinder spielen im park", "eine frau liest ein buch"]
@@ -156,6 +157,16 @@ def test_odd_input_never_fails_the_server(server, body):
     got = post(url, "/v1/translate", body)
     assert got.status_code in (200, 422), got.text
     assert "Traceback" not in got.text and (got.status_code == 200 or got.json()["error"])
+
+
+def test_a_body_over_the_limit_is_refused_with_413(server):
+    url, _ = server
+    big = json.dumps({"text": "ein mann " * (MAX_BODY_BYTES // 8)}).encode()
+    assert post(url, "/v1/translate", big).status_code == 413  # declared length
+    # Chunked, no length declared: counted as it arrives.
+    got = httpx.post(url + "/v1/translate", content=iter([big[:1000], big[1000:]]), timeout=60)
+    assert got.status_code == 413 and str(MAX_BODY_BYTES) in got.json()["error"]
+    assert post(url, "/v1/translate", {"text": "ein mann"}).status_code == 200
 
 
 def test_other_routes_refuse_cleanly(server):

@@ -38,6 +38,10 @@ from tfjax.serve.batching import (
     Runner,
 )
 
+# A request body at most, in bytes: MAX_TEXTS texts of the longest input take a few dozen kB,
+# and anything larger would be read and parsed in the event loop before being refused.
+MAX_BODY_BYTES = 1 << 20
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -247,9 +251,22 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+class TooLarge(Exception):
+    """The request's body is over MAX_BODY_BYTES; answered 413 without reading the rest."""
+
+
 async def _json(request: Request) -> dict[str, Any]:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise TooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a body sent without a length is counted as it comes
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise TooLarge()
+        chunks.append(chunk)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise models.BadRequest(f"the body is not JSON: {e}") from e
     if not isinstance(body, dict):
@@ -279,6 +296,9 @@ def create_app(server: Server) -> Starlette:
             except DeadlineExceeded:
                 metrics.rejected.labels("deadline").inc()
                 response = _error(504, "the request's deadline passed before it was served")
+            except TooLarge:
+                metrics.rejected.labels("invalid").inc()
+                response = _error(413, f"the body is over {MAX_BODY_BYTES} bytes")
             except ClientLeft:
                 metrics.rejected.labels("disconnected").inc()
                 response = _error(499, "the client closed the connection")
