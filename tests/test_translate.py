@@ -1,14 +1,16 @@
 """Translator and `python -m tfjax` on a checkpoint of the shared tiny training run."""
 
+import os
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
 import pytest
 from conftest import STEPS, ending_in_eos
 
-from tfjax import checkpoint, generate
+from tfjax import checkpoint, cli, generate
 from tfjax.translator import Translator
 
 
@@ -92,6 +94,42 @@ def test_cli_evaluate_prints_bleu_with_signature(uninterrupted):
     out = _cli("evaluate", "--workdir", str(uninterrupted), "--split", "test")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "BLEU" in out.stdout and "chrF" in out.stdout and "nrefs:1|case:mixed" in out.stdout
+
+
+def test_typed_sentences_are_translated_as_each_line_ends(uninterrupted):
+    """At a terminal, each line is answered before the next is typed; blank lines are skipped
+    and Ctrl-D ends with status 0."""
+    terminal, typed = os.openpty()
+    command = [sys.executable, "-m", "tfjax", "translate", "--workdir", str(uninterrupted)]
+    process = subprocess.Popen(
+        command, stdin=typed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    os.close(typed)
+    watchdog = threading.Timer(120, process.kill)  # a translator waiting for EOF would hang
+    watchdog.start()
+    try:
+        os.write(terminal, b"zwei kinder spielen\n")
+        first = process.stdout.readline()
+        os.write(terminal, b"\n ein mann liest\n")
+        second = process.stdout.readline()
+        os.write(terminal, b"\x04")  # Ctrl-D at the start of a line: end of input
+        assert process.wait() == 0, process.stderr.read()[-2000:]
+    finally:
+        watchdog.cancel()
+        os.close(terminal)
+    expected = Translator.from_workdir(uninterrupted).translate(
+        ["zwei kinder spielen", " ein mann liest"]
+    )
+    assert [first, second] == [t.text + "\n" for t in expected]
+
+
+def test_ctrl_c_is_one_line_not_a_traceback(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_translate", interrupted)
+    assert cli.main(["translate", "--workdir", "anywhere", "x"]) == 130
+    assert capsys.readouterr().err == "interrupted: translate stopped (Ctrl-C)\n"
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -295,6 +295,8 @@ def _translate(args: argparse.Namespace) -> int:
     plot = args.plot_attention is not None
     if plot:
         _check_plot(args.plot_attention)
+    if not (args.sentences or args.file or plot) and sys.stdin.isatty():
+        return _translate_typed(args)
     sentences, progress = _lines(args)  # a bad file fails before the checkpoint is restored
     if plot and not sentences:
         raise CommandError("--plot-attention: no sentence to translate", status=2)
@@ -326,6 +328,23 @@ def _translate(args: argparse.Namespace) -> int:
                 heads=args.plot_heads,
             )
             print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _translate_typed(args: argparse.Namespace) -> int:
+    """Sentences typed at a terminal: each translated when its line ends, blank lines
+    skipped, until end of input (Ctrl-D)."""
+    translator = _translator(args)
+    print("type a sentence and press Enter; Ctrl-D ends", file=sys.stderr, flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        (translation,) = translator.translate(
+            [line.rstrip("\n")], beam_size=args.beam, alpha=args.alpha, num_top=args.show_probs
+        )
+        print(translation.text, flush=True)
+        if args.show_probs:
+            print(probability_table(translation), end="\n\n", flush=True)
     return 0
 
 
@@ -603,6 +622,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = {"train": _train, "precompile": _precompile}[args.command]
             return run(args, extra)
         return commands[args.command](args)
+    except KeyboardInterrupt:
+        if os.environ.get("TFJAX_TRACEBACK"):
+            raise
+        # What each command keeps (training's checkpoint, distill-data's translations) is
+        # already on disk; what is left is to say so without a traceback.
+        print(f"interrupted: {args.command} stopped (Ctrl-C)", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     except Exception as e:
         if os.environ.get("TFJAX_TRACEBACK") or not isinstance(e, _expected_errors()):
             raise
