@@ -1,5 +1,6 @@
 """HF-style pipelines over trained workdirs: outputs, scores against the full forward pass."""
 
+import io
 import json
 
 import numpy as np
@@ -135,6 +136,22 @@ def test_cli_pipeline_prints_json_lines(classifier_workdir, mlm_workdir, capsys)
     assert set(json.loads(lines[0])) == {"label", "score"}
     status = cli.main(["pipeline", "fill-mask", "--workdir", str(mlm_workdir), "no mask"])
     assert status == 1 and "has no <mask>" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_cli_pipeline_at_a_terminal_answers_line_by_line(mlm_workdir, monkeypatch, capsys):
+    """A typed line that the pipeline refuses is reported and the next one still answered."""
+    monkeypatch.setattr("sys.stdin", _Terminal("no mask\n\nthe <mask> was good\n"))
+    assert cli.main(["pipeline", "fill-mask", "--workdir", str(mlm_workdir)]) == 0
+    out, err = capsys.readouterr()
+    assert "error: " in err and "has no <mask>" in err
+    (line,) = out.splitlines()
+    expected = tfjax.pipeline("fill-mask", workdir=str(mlm_workdir))("the <mask> was good")
+    assert json.loads(line) == json.loads(json.dumps(expected))
 
 
 def test_jitted_scores_do_not_depend_on_batch_neighbours(sentiment):

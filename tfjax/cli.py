@@ -359,8 +359,9 @@ def _check_plot(path: str) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    texts, _ = _lines(args)  # a bad file fails before the checkpoint is restored
-    if not texts:
+    typed = not (args.sentences or args.file) and sys.stdin.isatty()
+    texts = [] if typed else _lines(args)[0]  # a bad file fails before the checkpoint loads
+    if not (texts or typed):
         raise CommandError("no texts: give them as arguments, with --file, or on stdin")
     from tfjax.pipelines import pipeline
 
@@ -378,8 +379,21 @@ def _pipeline(args: argparse.Namespace) -> int:
         options.update(no_repeat_ngram_size=args.no_repeat_ngram_size)
         if args.max_length:
             options["max_length"] = args.max_length
-    for result in pipe(texts, **options):
-        print(json.dumps(result, ensure_ascii=False), flush=True)
+    if typed:  # at a terminal: each line's result when it ends, until Ctrl-D
+        print("type a text and press Enter; Ctrl-D ends", file=sys.stderr, flush=True)
+        batches = ([line.rstrip("\n")] for line in sys.stdin if line.strip())
+    else:
+        batches = iter([texts])
+    for batch in batches:
+        try:
+            results = pipe(batch, **options)
+        except ValueError as e:
+            if not typed:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)  # the next line may be fine
+            continue
+        for result in results:
+            print(json.dumps(result, ensure_ascii=False), flush=True)
     return 0
 
 
