@@ -631,10 +631,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
     }
     try:
-        _check_numbers(args)
         if args.command in _RECIPE_COMMANDS:
             run = {"train": _train, "precompile": _precompile}[args.command]
             return run(args, extra)
+        _check_numbers(args)  # precompile's --beam 0 means "no decoder": its own checks
         return commands[args.command](args)
     except KeyboardInterrupt:
         if os.environ.get("TFJAX_TRACEBACK"):
