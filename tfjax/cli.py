@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from absl import logging
@@ -295,7 +295,7 @@ def _translate(args: argparse.Namespace) -> int:
     plot = args.plot_attention is not None
     if plot:
         _check_plot(args.plot_attention)
-    if not (args.sentences or args.file or plot) and sys.stdin.isatty():
+    if not plot and _typed(args):
         return _translate_typed(args)
     sentences, progress = _lines(args)  # a bad file fails before the checkpoint is restored
     if plot and not sentences:
@@ -331,16 +331,24 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _typed(args: argparse.Namespace) -> bool:
+    """No texts given and stdin is a terminal: the user types them one line at a time."""
+    return not (args.sentences or args.file) and sys.stdin.isatty()
+
+
+def _typed_lines(what: str) -> Iterator[str]:
+    """Each non-blank line typed, as it ends, until end of input (Ctrl-D)."""
+    print(f"type {what} and press Enter; Ctrl-D ends", file=sys.stderr, flush=True)
+    return (line.rstrip("\n") for line in sys.stdin if line.strip())
+
+
 def _translate_typed(args: argparse.Namespace) -> int:
     """Sentences typed at a terminal: each translated when its line ends, blank lines
     skipped, until end of input (Ctrl-D)."""
     translator = _translator(args)
-    print("type a sentence and press Enter; Ctrl-D ends", file=sys.stderr, flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
+    for line in _typed_lines("a sentence"):
         (translation,) = translator.translate(
-            [line.rstrip("\n")], beam_size=args.beam, alpha=args.alpha, num_top=args.show_probs
+            [line], beam_size=args.beam, alpha=args.alpha, num_top=args.show_probs
         )
         print(translation.text, flush=True)
         if args.show_probs:
@@ -359,7 +367,7 @@ def _check_plot(path: str) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    typed = not (args.sentences or args.file) and sys.stdin.isatty()
+    typed = _typed(args)
     texts = [] if typed else _lines(args)[0]  # a bad file fails before the checkpoint loads
     if not (texts or typed):
         raise CommandError("no texts: give them as arguments, with --file, or on stdin")
@@ -380,8 +388,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         if args.max_length:
             options["max_length"] = args.max_length
     if typed:  # at a terminal: each line's result when it ends, until Ctrl-D
-        print("type a text and press Enter; Ctrl-D ends", file=sys.stderr, flush=True)
-        batches = ([line.rstrip("\n")] for line in sys.stdin if line.strip())
+        batches = ([line] for line in _typed_lines("a text"))
     else:
         batches = iter([texts])
     for batch in batches:
