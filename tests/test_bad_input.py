@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,16 @@ def test_a_recipe_that_cannot_load_is_one_line(tmp_path, text, fragment):
     with pytest.raises(CommandError) as refused:
         load_config(str(path))
     assert fragment in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_cli_serve_refuses_a_port_in_use_before_loading(tmp_path, capsys):
+    # The workdir does not exist: the port is what is refused, so nothing was loaded first.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        args = ["serve", "--workdir", str(tmp_path / "missing"), "--port", str(port)]
+        assert cli.main(args) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )

@@ -562,21 +562,23 @@ def _serve(args: argparse.Namespace) -> int:
     logging.set_verbosity(logging.WARNING)
     from tfjax import serve
 
-    served = []
-    for name, workdir in named:
-        print(f"loading {name} from {workdir}", file=sys.stderr, flush=True)
-        served.append(serve.load(name, workdir, max_batch=args.max_batch))
-    config = serve.ServerConfig(
-        max_batch=args.max_batch,
-        continuous=args.batching == "continuous",
-        max_tokens=args.max_tokens,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        timeout=args.timeout,
-    )
-    if args.warmup:
-        serve.warm_up(served, config.batches_continuously)
-    serve.run(serve.Server(served, config), args.host, args.port)
+    # Bound first: a port in use is refused before minutes of loading and compiling.
+    with serve.listen(args.host, args.port) as sock:
+        served = []
+        for name, workdir in named:
+            print(f"loading {name} from {workdir}", file=sys.stderr, flush=True)
+            served.append(serve.load(name, workdir, max_batch=args.max_batch))
+        config = serve.ServerConfig(
+            max_batch=args.max_batch,
+            continuous=args.batching == "continuous",
+            max_tokens=args.max_tokens,
+            max_wait_ms=args.max_wait_ms,
+            max_queue=args.max_queue,
+            timeout=args.timeout,
+        )
+        if args.warmup:
+            serve.warm_up(served, config.batches_continuously)
+        serve.run(serve.Server(served, config), sock)
     return 0
 
 

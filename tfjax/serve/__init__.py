@@ -25,6 +25,7 @@ __all__ = [
     "Server",
     "ServerConfig",
     "create_app",
+    "listen",
     "load",
     "run",
     "warm_up",
@@ -43,22 +44,33 @@ def warm_up(served: Sequence[Served], continuous: bool = True) -> None:
             print(f"{m.name}: compiled {shapes} decoder programs", file=sys.stderr, flush=True)
 
 
-def run(server: Server, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve until SIGTERM or SIGINT, then answer what is in flight and return.
+def listen(host: str = "127.0.0.1", port: int = 8080) -> socket.socket:
+    """A socket bound to host:port and listening (any free port when port is 0).
 
-    The socket is bound and listening before this prints "serving on http://HOST:PORT" (the
-    real port when port is 0), so a client may connect as soon as it reads the line.
+    `serve` calls this before loading any model, so a port already in use is refused in a
+    second, not after minutes of loading and compiling.
     """
-    import uvicorn
-
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
+        sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
     sock.listen(2048)
-    bound = sock.getsockname()[1]
+    return sock
+
+
+def run(server: Server, sock: socket.socket) -> None:
+    """Serve on a `listen` socket until SIGTERM or SIGINT, then answer what is in flight and
+    return.
+
+    The socket is listening before this prints "serving on http://HOST:PORT" (the real port
+    when it was bound to port 0), so a client may connect as soon as it reads the line.
+    """
+    import uvicorn
+
+    host, bound = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=None)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully, which
     # under the default SIGTERM handler would end the process with status 143; with this
