@@ -138,6 +138,38 @@ def test_cli_pipeline_prints_json_lines(classifier_workdir, mlm_workdir, capsys)
     assert status == 1 and "has no <mask>" in capsys.readouterr().err
 
 
+def test_cli_pipeline_over_a_file_in_chunks(classifier_workdir, sentiment, tmp_path, capsys):
+    # More lines than one call takes: every result printed, in order, as one call gives them.
+    texts = [f"the film was good {i}" for i in range(cli._CHUNK + 40)]
+    texts[7] = "bad and dull"
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    args = ["pipeline", "sentiment-analysis", "--workdir", str(classifier_workdir)]
+    assert cli.main([*args, "--file", str(tmp_path / "in.txt")]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == json.loads(
+        json.dumps(sentiment(texts))
+    )
+    assert f"{len(texts)}/{len(texts)}" in err  # the progress bar reached the end
+
+
+@pytest.mark.parametrize(
+    "task, lines, error",
+    [
+        ("sentiment-analysis", ["good", "", "bad"], "in.txt: line 2 is empty"),
+        ("fill-mask", ["the <mask> film", "no mask here"], "in.txt: line 2 has no <mask>"),
+    ],
+)
+def test_cli_pipeline_names_a_bad_line_before_any_work(
+    classifier_workdir, task, lines, error, tmp_path, capsys
+):
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    # The workdir is not even read: the file is refused first.
+    args = ["pipeline", task, "--workdir", str(tmp_path / "missing"), "--file"]
+    assert cli.main([*args, str(tmp_path / "in.txt")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and error in err
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

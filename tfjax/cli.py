@@ -366,11 +366,15 @@ def _check_plot(path: str) -> None:
         raise CommandError(f"--plot-attention {e}", status=2) from e
 
 
+_CHUNK = 512  # texts per pipeline call over a file or stdin, each call's results printed
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     typed = _typed(args)
-    texts = [] if typed else _lines(args)[0]  # a bad file fails before the checkpoint loads
+    texts, progress = ([], False) if typed else _lines(args)
     if not (texts or typed):
         raise CommandError("no texts: give them as arguments, with --file, or on stdin")
+    _check_texts(texts, args)  # a bad line fails before the checkpoint loads
     from tfjax.pipelines import pipeline
 
     pipe = pipeline(args.task, args.workdir, batch_size=args.batch, step=args.step, best=args.best)
@@ -389,19 +393,34 @@ def _pipeline(args: argparse.Namespace) -> int:
             options["max_length"] = args.max_length
     if typed:  # at a terminal: each line's result when it ends, until Ctrl-D
         batches = ([line] for line in _typed_lines("a text"))
-    else:
-        batches = iter([texts])
-    for batch in batches:
-        try:
-            results = pipe(batch, **options)
-        except ValueError as e:
-            if not typed:
-                raise
-            print(f"error: {e}", file=sys.stderr, flush=True)  # the next line may be fine
-            continue
-        for result in results:
-            print(json.dumps(result, ensure_ascii=False), flush=True)
+    else:  # in chunks, so results appear (and survive a Ctrl-C) as the work goes on
+        batches = (texts[i : i + _CHUNK] for i in range(0, len(texts), _CHUNK))
+    with tqdm(total=len(texts), desc=args.task, disable=not progress) as bar:
+        for batch in batches:
+            try:
+                results = pipe(batch, **options)
+            except ValueError as e:
+                if not typed:
+                    raise
+                print(f"error: {e}", file=sys.stderr, flush=True)  # the next line may be fine
+                continue
+            for result in results:
+                print(json.dumps(result, ensure_ascii=False), flush=True)
+            bar.update(len(batch))
     return 0
+
+
+def _check_texts(texts: Sequence[str], args: argparse.Namespace) -> None:
+    """Refuse a blank text, or a fill-mask text without the mask, naming its line (or its
+    place among the arguments)."""
+    from tfjax.data import MASK_PIECE
+
+    where = "text" if args.sentences else f"{args.file or '<stdin>'}: line"
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise CommandError(f"{where} {number} is empty")
+        if args.task == "fill-mask" and MASK_PIECE not in text:
+            raise CommandError(f"{where} {number} has no {MASK_PIECE}: {text!r}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
