@@ -284,3 +284,19 @@ def test_cli_serve_refuses_a_port_in_use_before_loading(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--memory_gib", "nan", "nan: must be a finite number"),
+        ("--memory_gib", "0", "0.0: must be above 0"),
+        ("--peak_tflops", "-1", "-1.0: must be above 0"),
+        ("--beam", "-2", "-2: must be at least 0"),
+    ],
+)  # fmt: skip
+def test_cli_precompile_refuses_bad_numbers(flag, value, message, capsys):
+    # In-process and before the recipe loads: a recipe that is not there is never reached.
+    args = ["precompile", "--config", "missing.py", "--topology", "cpu:1", flag, value]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == f"error: {flag} {message}\n"

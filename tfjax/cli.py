@@ -508,6 +508,11 @@ def _average(args: argparse.Namespace) -> int:
 
 def _precompile(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """See tfjax.precompile. Exits 1 when a program does not fit a device's memory."""
+    _check_numbers(args, lowest={"beam": 0})  # 0: the recipe's beam
+    for flag in ("memory_gib", "peak_tflops"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise CommandError(f"--{flag} {value}: must be above 0", status=2)
     config = load_config(args.config, overrides)
     from tfjax import recipe
 
@@ -617,14 +622,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    """Refuse a numeric argument outside its range (`_LOWEST`, `_HIGHEST`) or not finite."""
+def _check_numbers(args: argparse.Namespace, lowest: dict[str, float] = _LOWEST) -> None:
+    """Refuse a numeric argument outside its range (`lowest`, `_HIGHEST`) or not finite."""
     for name, value in vars(args).items():
         flag = "--show-probs" if name == "show_probs" else f"--{name}"  # as spelt
         if isinstance(value, float) and not math.isfinite(value):
             raise CommandError(f"{flag} {value}: must be a finite number", status=2)
-        if name in _LOWEST and value is not None and value < _LOWEST[name]:
-            raise CommandError(f"{flag} {value}: must be at least {_LOWEST[name]}", status=2)
+        if name in lowest and value is not None and value < lowest[name]:
+            raise CommandError(f"{flag} {value}: must be at least {lowest[name]}", status=2)
         if name in _HIGHEST and value is not None and value > _HIGHEST[name]:
             raise CommandError(f"{flag} {value}: must be at most {_HIGHEST[name]}", status=2)
 
