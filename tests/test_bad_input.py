@@ -300,3 +300,20 @@ def test_cli_precompile_refuses_bad_numbers(flag, value, message, capsys):
     args = ["precompile", "--config", "missing.py", "--topology", "cpu:1", flag, value]
     assert cli.main(args) == 2
     assert capsys.readouterr().err == f"error: {flag} {message}\n"
+
+
+def test_translate_refuses_an_encoder_only_workdir(mlm_workdir, capsys):
+    assert cli.main(["translate", "--workdir", str(mlm_workdir), "hello"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {mlm_workdir} holds an encoder-only masked_lm model; translating needs an "
+        "encoder-decoder one (`python -m tfjax pipeline` serves this one)"
+    )
+
+
+def test_serve_refuses_repeated_names_before_loading(tmp_path, capsys):
+    # The workdirs do not exist: the names are what is refused, before any load.
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert cli.main(["serve", "--workdir", str(a), "--workdir", str(b)]) == 2
+    assert capsys.readouterr().err == (
+        "error: model names repeat: ['run', 'run']; name them with --model NAME=DIR\n"
+    )

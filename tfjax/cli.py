@@ -580,6 +580,9 @@ def _serve(args: argparse.Namespace) -> int:
     named += [(os.path.basename(os.path.normpath(w)), w) for w in args.workdir]
     if not named:
         raise CommandError("nothing to serve: give --workdir DIR or --model NAME=DIR", status=2)
+    names = [name for name, _ in named]
+    if len(set(names)) != len(names):  # before minutes of loading
+        raise CommandError(f"model names repeat: {names}; name them with --model NAME=DIR", 2)
     if args.max_wait_ms < 0 or args.timeout <= 0:
         raise CommandError("--max_wait_ms must be >= 0 and --timeout > 0", status=2)
     logging.use_absl_handler()

@@ -13,10 +13,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import logging
 
-from tfjax import checkpoint, generate
+from tfjax import checkpoint, generate, recipe
 from tfjax.continuous import ContinuousDecoder, bucket
 from tfjax.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from tfjax.decode import DecodeOutput
@@ -110,6 +111,12 @@ class Translator:
         config, params, tokenizer_bytes, meta = checkpoint.restore_for_inference(
             workdir, step, best=best
         )
+        trained = ml_collections.ConfigDict(meta.get("train", {}))
+        if recipe.encoder_only(trained):  # its parameters have no decoder
+            raise ValueError(
+                f"{workdir} holds an encoder-only {recipe.task(trained)} model; translating "
+                "needs an encoder-decoder one (`python -m tfjax pipeline` serves this one)"
+            )
         kwargs.setdefault("max_source_len", meta.get("train", {}).get("max_source_len"))
         return cls(config, params, Tokenizer(tokenizer_bytes), **kwargs)
 
