@@ -178,10 +178,11 @@ def test_other_routes_refuse_cleanly(server):
 
 
 def test_concurrent_requests_share_one_decoder_call(uninterrupted, offline):
-    # Whole-batch calls (continuous batching off), waiting up to 30 s for company: 8
-    # one-sentence requests fill one 8-sentence call, which starts as soon as the eighth
-    # arrives, so exactly one decoder call serves them all.
-    s = make_server(uninterrupted, max_batch=8, max_wait_ms=30_000, continuous=False)
+    # Whole-batch calls (continuous batching off), waiting up to 5 min for company (a
+    # starved VM can take many seconds to send 8 requests): 8 one-sentence requests fill one
+    # 8-sentence call, which starts as soon as the eighth arrives, so exactly one decoder
+    # call serves them all.
+    s = make_server(uninterrupted, max_batch=8, max_wait_ms=300_000, continuous=False)
     texts = [f"{a} {b}" for a in ("ein", "zwei") for b in ("mann", "frau", "buch", "park")]
     with serving(s) as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
         before = s.batchers["tiny", "translate"].calls
@@ -202,7 +203,7 @@ def test_greedy_requests_join_the_running_rows(uninterrupted, offline):
     engine, release, rows = batcher._engine, threading.Event(), []
 
     def held_step():
-        release.wait(timeout=60)
+        release.wait(timeout=300)  # a bound, not a wait: the test sets it
         rows.append(engine.decoder.running + engine.decoder.waiting)
         return type(engine).step(engine)
 
