@@ -117,7 +117,7 @@ class Translator:
                 f"{workdir} holds an encoder-only {recipe.task(trained)} model; translating "
                 "needs an encoder-decoder one (`python -m tfjax pipeline` serves this one)"
             )
-        kwargs.setdefault("max_source_len", meta.get("train", {}).get("max_source_len"))
+        kwargs.setdefault("max_source_len", trained.get("max_source_len"))
         return cls(config, params, Tokenizer(tokenizer_bytes), **kwargs)
 
     def _encode(self, sentences: Sequence[str], limit: int) -> list[np.ndarray]:
