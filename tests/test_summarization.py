@@ -69,6 +69,8 @@ def test_pipeline_output_warnings_and_min_length(workdir, caplog):
     assert "min_length=12 is more than max_length=10" in caplog.text
     assert "a summary is usually shorter" in caplog.text
     caplog.clear()
+    summarize(["Ben: hi", "Tom: ok"], max_length=10, min_length=12)  # as the CLI's next chunk
+    assert not caplog.text  # warned once, not once per call
     limit = summarize.translator.max_decode_len
     with pytest.raises(ValueError, match=f"max_length={limit + 1}: this model writes 1 to {limit}"):
         summarize(dialogue, max_length=limit + 1)

@@ -61,13 +61,14 @@ def test_bucketing_keeps_the_compile_count_flat(translator):
     assert generate.translate_greedy._cache_size() - before <= 2
 
 
-def test_bad_input_is_refused(translator):
+def test_bad_input_is_refused(translator, caplog):
     with pytest.raises(ValueError, match="sentence 1 is empty"):
         translator.translate(["ein mann", "  "])
     with pytest.raises(TypeError, match="list of sentences"):
         translator.translate("ein mann")
     long = " ".join(["mann"] * 200)  # longer than max_len: truncated with a warning
     assert translator.translate([long])[0].text
+    assert "sentence 0 ('mann mann mann mann mann mann…') has" in caplog.text
     # Characters the corpus never had are spelled as bytes, not <unk>, and still translate.
     unseen = translator.tokenizer.encode("ein 猫 mann ☃")
     assert 1 not in unseen.tolist()  # unk id

@@ -22,7 +22,7 @@ from absl import logging
 from tfjax import checkpoint, recipe
 from tfjax.data import BOS_ID, EOS_ID, MASK_PIECE, UNK_ID, Tokenizer
 from tfjax.model import Classifier, MaskedLM
-from tfjax.translator import Translator, bucket, padded
+from tfjax.translator import Translator, bucket, glimpse, padded
 
 # A pipeline task name -> the training task its workdir must hold.
 TASKS = {
@@ -140,11 +140,14 @@ class _EncoderPipeline:
             ids = np.concatenate([[BOS_ID], ids]).astype(np.int32)
             if len(ids) > self.max_len:
                 logging.warning(
-                    "input %d has %d pieces; truncated to %d", i, len(ids), self.max_len
-                )
+                    "input %d (%s) has %d pieces; truncated to %d",
+                    i, glimpse(texts[i]), len(ids), self.max_len,
+                )  # fmt: skip
                 ids = np.append(ids[: self.max_len - 1], EOS_ID).astype(np.int32)
             if UNK_ID in ids:
-                logging.warning("input %d has characters outside the vocabulary", i)
+                logging.warning(
+                    "input %d (%s) has characters outside the vocabulary", i, glimpse(texts[i])
+                )
             out.append(ids)
         return out
 
@@ -398,21 +401,31 @@ class SummarizationPipeline(TranslationPipeline):
 
     output_key = "summary_text"
 
+    def __init__(self, translator: Translator) -> None:
+        super().__init__(translator)
+        self._warned: set[tuple] = set()  # each length warning once per settings, not per call
+
     def __call__(self, inputs: str | Sequence[str], **options: Any) -> list[dict[str, Any]]:
         """As `TranslationPipeline`; warns, as HF does, when max_length is below min_length
-        or above the input's length in pieces (summaries are meant to be shorter)."""
+        or above the input's length in pieces (summaries are meant to be shorter). Each
+        warning is given once per max_length: the CLI calls once per 512 lines of a file."""
         texts, _ = _texts(inputs)
         longest = self._checked_max_length(options.get("max_length"))
         longest = longest or self.translator.max_decode_len
-        if options.get("min_length", 0) > longest:
-            logging.warning(
-                "min_length=%d is more than max_length=%d", options["min_length"], longest
-            )
+        least = options.get("min_length", 0)
+        if least > longest and self._first(("min", least, longest)):
+            logging.warning("min_length=%d is more than max_length=%d", least, longest)
         shortest = min(len(ids) for ids in self.translator.tokenizer.encode_batch(texts))
-        if shortest < longest:
+        if shortest < longest and self._first(("input", longest)):
             logging.warning(
                 "max_length is %d but an input is only %d pieces long; a summary is usually "
                 "shorter than its input: consider a smaller max_length",
                 longest, shortest,
             )  # fmt: skip
         return super().__call__(texts, **options)
+
+    def _first(self, warning: tuple) -> bool:
+        """Whether this warning is new to this pipeline (and remember it)."""
+        new = warning not in self._warned
+        self._warned.add(warning)
+        return new

@@ -74,6 +74,12 @@ def padded(ids: Sequence[np.ndarray], rows: int, limit: int) -> np.ndarray:
     return out.astype(np.int32)
 
 
+def glimpse(text: str, width: int = 30) -> str:
+    """The text's start, quoted, for a warning: callers that split a file into several calls
+    (the CLI) would otherwise see only an index within one call."""
+    return repr(text if len(text) <= width else text[:width].rstrip() + "…")
+
+
 class Translator:
     """Translate and score with a model's parameters and tokenizer."""
 
@@ -130,10 +136,16 @@ class Translator:
         out = []
         for i, ids in enumerate(self.tokenizer.encode_batch(list(sentences))):
             if len(ids) > limit:
-                logging.warning("sentence %d has %d tokens; truncated to %d", i, len(ids), limit)
+                logging.warning(
+                    "sentence %d (%s) has %d tokens; truncated to %d",
+                    i, glimpse(sentences[i]), len(ids), limit,
+                )  # fmt: skip
                 ids = np.concatenate([ids[: limit - 1], [EOS_ID]]).astype(np.int32)
             if UNK_ID in ids:
-                logging.warning("sentence %d has characters outside the vocabulary", i)
+                logging.warning(
+                    "sentence %d (%s) has characters outside the vocabulary",
+                    i, glimpse(sentences[i]),
+                )  # fmt: skip
             out.append(ids)
         return out
 
