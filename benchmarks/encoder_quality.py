@@ -2,12 +2,13 @@
 
   python benchmarks/encoder_quality.py --workdir=/tmp/sst2 --split=dev --reference=84.0
   python benchmarks/encoder_quality.py --workdir=/tmp/chnsenticorp --split=test \
-      --reference=91.07 --unseen
+      --reference=91.07 --unseen [--best]
   python benchmarks/encoder_quality.py --workdir=/tmp/wikitext2-mlm --split=test --pppl_lines=100
 
-Classifier: accuracy and macro-F1 of the last checkpoint (or --step) on the split (every
-row), and with --unseen also on the rows whose sentence is not in the training split
-(ChnSentiCorp's test shares rows with its train). Masked LM: the masked-piece accuracy and
+Classifier: accuracy and macro-F1 of the last checkpoint (or --step, or with --best the one
+the trainer kept as best on its evaluation split) on the split (every row), and with --unseen
+also on the rows whose sentence is not in the training split (ChnSentiCorp's test shares rows
+with its train). Masked LM: the masked-piece accuracy and
 perplexity of the training loop's evaluation (15% of pieces, masks fixed per batch), the
 pseudo-perplexity (Salazar et al. 2020: every piece masked in turn, exp of the mean negative
 log-probability) of the first --pppl_lines texts, and fill-mask examples. The table is
@@ -37,6 +38,7 @@ _WORKDIR = flags.DEFINE_string(
 )
 _SPLIT = flags.DEFINE_string("split", "test", "the split to score")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_BEST = flags.DEFINE_bool("best", False, "the best checkpoint on the evaluation split instead")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "where the data is now, if it moved")
 _REFERENCE = flags.DEFINE_float("reference", 0.0, "published accuracy (%) to compare with")
 _UNSEEN = flags.DEFINE_bool("unseen", False, "also score the rows whose text is not in train")
@@ -127,7 +129,7 @@ def _masked_lm_rows(config, data, model, params, tokenizer) -> list[str]:
         f"| {_SPLIT.value}: perplexity of the masked pieces | {result['perplexity']:.2f} |"
     )
     lines.append(f"| {_SPLIT.value}, first {len(texts)} texts: pseudo-perplexity | {pppl:.2f} |")
-    fill = pipeline("fill-mask", _WORKDIR.value, step=_STEP.value)
+    fill = pipeline("fill-mask", _WORKDIR.value, step=_STEP.value, best=_BEST.value)
     lines += ["", "| input | top 3 (score) |", "|---|---|"]
     for text in _EXAMPLES:
         best = fill(text, top_k=3)
@@ -140,11 +142,15 @@ def main(argv: list[str]) -> None:
     del argv
     cli.quiet_library_logs()
     config, data = recipe.workdir_data(_WORKDIR.value, _STEP.value, _DATA_DIR.value)
-    cfg, params, tokenizer_bytes, _ = checkpoint.restore_for_inference(_WORKDIR.value, _STEP.value)
+    cfg, params, tokenizer_bytes, _ = checkpoint.restore_for_inference(
+        _WORKDIR.value, _STEP.value, best=_BEST.value
+    )
     tokenizer = Tokenizer(tokenizer_bytes)
     task = recipe.task(config)
     model = recipe.build_model(task, cfg)
     step = f"step {_STEP.value}" if _STEP.value else "latest checkpoint"
+    if _BEST.value:  # chosen on the evaluation split, as the trainer kept it
+        step = f"best checkpoint (step {checkpoint.best_step(_WORKDIR.value)})"
     title = f"### {task}: {Path(_WORKDIR.value).name}, {step}, {_SPLIT.value} split"
     rows = (_classifier_rows if task == "classification" else _masked_lm_rows)(
         config, data, model, params, tokenizer

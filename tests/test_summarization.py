@@ -54,6 +54,7 @@ def test_training_evaluates_rouge_and_keeps_the_best_by_it(workdir):
     best = max(evals, key=lambda r: r["rouge_mean"])["step"]
     assert checkpoint.restore_for_inference(workdir, best=True)[3]["train"]["task"]
     assert (workdir / "best" / str(best)).is_dir()
+    assert checkpoint.best_step(workdir) == best
 
 
 def test_pipeline_output_warnings_and_min_length(workdir, caplog):

@@ -162,6 +162,11 @@ def _step_dir(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointMa
     return manager, step
 
 
+def best_step(workdir: str | Path) -> int:
+    """The step of the checkpoint `best/` holds (the best on the evaluation split)."""
+    return _step_dir(epath.Path(workdir) / "best", None)[1]
+
+
 def read_meta(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
     """The JSON meta (model and training config) saved with a checkpoint of `workdir`."""
     directory = epath.Path(workdir) / "checkpoints"
