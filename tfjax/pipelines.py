@@ -20,9 +20,9 @@ import numpy as np
 from absl import logging
 
 from tfjax import checkpoint, recipe
-from tfjax.data import BOS_ID, EOS_ID, MASK_PIECE, UNK_ID, Tokenizer
+from tfjax.data import BOS_ID, MASK_PIECE, Tokenizer
 from tfjax.model import Classifier, MaskedLM
-from tfjax.translator import Translator, bucket, glimpse, padded
+from tfjax.translator import Translator, bucket, fitted, padded
 
 # A pipeline task name -> the training task its workdir must hold.
 TASKS = {
@@ -135,21 +135,11 @@ class _EncoderPipeline:
 
     def _encode(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Texts -> ids [bos, pieces..., eos]; over-long ones cut (eos kept) with a warning."""
-        out = []
-        for i, ids in enumerate(self.tokenizer.encode_batch(list(texts))):
-            ids = np.concatenate([[BOS_ID], ids]).astype(np.int32)
-            if len(ids) > self.max_len:
-                logging.warning(
-                    "input %d (%s) has %d pieces; truncated to %d",
-                    i, glimpse(texts[i]), len(ids), self.max_len,
-                )  # fmt: skip
-                ids = np.append(ids[: self.max_len - 1], EOS_ID).astype(np.int32)
-            if UNK_ID in ids:
-                logging.warning(
-                    "input %d (%s) has characters outside the vocabulary", i, glimpse(texts[i])
-                )
-            out.append(ids)
-        return out
+        encoded = self.tokenizer.encode_batch(list(texts))
+        return [
+            fitted(np.concatenate([[BOS_ID], ids]), self.max_len, "input", i, text)
+            for i, (ids, text) in enumerate(zip(encoded, texts, strict=True))
+        ]
 
     def _batches(self, ids: list[np.ndarray]) -> Iterator[tuple[range, np.ndarray]]:
         """Yields (row indices, inputs [bucketed rows, bucketed length])."""
@@ -403,7 +393,7 @@ class SummarizationPipeline(TranslationPipeline):
 
     def __init__(self, translator: Translator) -> None:
         super().__init__(translator)
-        self._warned: set[tuple] = set()  # each length warning once per settings, not per call
+        self._warned: set[tuple] = set()  # each length warning once per setting, not per call
 
     def __call__(self, inputs: str | Sequence[str], **options: Any) -> list[dict[str, Any]]:
         """As `TranslationPipeline`; warns, as HF does, when max_length is below min_length
@@ -413,19 +403,16 @@ class SummarizationPipeline(TranslationPipeline):
         longest = self._checked_max_length(options.get("max_length"))
         longest = longest or self.translator.max_decode_len
         least = options.get("min_length", 0)
-        if least > longest and self._first(("min", least, longest)):
+        if least > longest and ("min", least, longest) not in self._warned:
+            self._warned.add(("min", least, longest))
             logging.warning("min_length=%d is more than max_length=%d", least, longest)
-        shortest = min(len(ids) for ids in self.translator.tokenizer.encode_batch(texts))
-        if shortest < longest and self._first(("input", longest)):
-            logging.warning(
-                "max_length is %d but an input is only %d pieces long; a summary is usually "
-                "shorter than its input: consider a smaller max_length",
-                longest, shortest,
-            )  # fmt: skip
+        if ("input", longest) not in self._warned:  # else no need to tokenize twice
+            shortest = min(len(ids) for ids in self.translator.tokenizer.encode_batch(texts))
+            if shortest < longest:
+                self._warned.add(("input", longest))
+                logging.warning(
+                    "max_length is %d but an input is only %d pieces long; a summary is "
+                    "usually shorter than its input: consider a smaller max_length",
+                    longest, shortest,
+                )  # fmt: skip
         return super().__call__(texts, **options)
-
-    def _first(self, warning: tuple) -> bool:
-        """Whether this warning is new to this pipeline (and remember it)."""
-        new = warning not in self._warned
-        self._warned.add(warning)
-        return new

@@ -74,10 +74,19 @@ def padded(ids: Sequence[np.ndarray], rows: int, limit: int) -> np.ndarray:
     return out.astype(np.int32)
 
 
-def glimpse(text: str, width: int = 30) -> str:
-    """The text's start, quoted, for a warning: callers that split a file into several calls
-    (the CLI) would otherwise see only an index within one call."""
-    return repr(text if len(text) <= width else text[:width].rstrip() + "…")
+def fitted(ids: np.ndarray, limit: int, noun: str, i: int, text: str) -> np.ndarray:
+    """`ids` cut to `limit` (eos kept), int32, warning when cut or when a piece is <unk>.
+
+    The warning names the text's start beside its index `i` within the call: callers that
+    split a file into several calls (the CLI) would otherwise see only that index.
+    """
+    name = f"{noun} {i} ({text if len(text) <= 30 else text[:30].rstrip() + '…'!r})"
+    if len(ids) > limit:
+        logging.warning("%s has %d pieces; truncated to %d", name, len(ids), limit)
+        ids = np.append(ids[: limit - 1], EOS_ID)
+    if UNK_ID in ids:
+        logging.warning("%s has characters outside the vocabulary", name)
+    return np.asarray(ids, np.int32)
 
 
 class Translator:
@@ -133,21 +142,11 @@ class Translator:
         for i, s in enumerate(sentences):
             if not s.strip():
                 raise ValueError(f"sentence {i} is empty")
-        out = []
-        for i, ids in enumerate(self.tokenizer.encode_batch(list(sentences))):
-            if len(ids) > limit:
-                logging.warning(
-                    "sentence %d (%s) has %d tokens; truncated to %d",
-                    i, glimpse(sentences[i]), len(ids), limit,
-                )  # fmt: skip
-                ids = np.concatenate([ids[: limit - 1], [EOS_ID]]).astype(np.int32)
-            if UNK_ID in ids:
-                logging.warning(
-                    "sentence %d (%s) has characters outside the vocabulary",
-                    i, glimpse(sentences[i]),
-                )  # fmt: skip
-            out.append(ids)
-        return out
+        encoded = self.tokenizer.encode_batch(list(sentences))
+        return [
+            fitted(ids, limit, "sentence", i, s)
+            for i, (ids, s) in enumerate(zip(encoded, sentences, strict=True))
+        ]
 
     def _batches(self, ids: list[np.ndarray]) -> Iterator[tuple[range, np.ndarray]]:
         """Yields (row indices, inputs [bucketed batch, bucketed length])."""
