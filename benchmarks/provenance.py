@@ -29,7 +29,8 @@ def code_version() -> str:
 
 def machine() -> str:
     """'x86_64, 2 cores, AVX-512': the architecture, core count and widest vector ISA
-    (plus AMX when the CPU has Intel's matrix unit)."""
+    (plus AMX when the CPU has Intel's matrix unit), and XLA_FLAGS when set: a table measured
+    under other compiler flags says so."""
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.exists() else ""
     line = next((x for x in text.splitlines() if x.startswith("flags")), "")
@@ -37,4 +38,6 @@ def machine() -> str:
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "ISA unknown"
     if "amx_tile" in flags:
         isa += " + AMX"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {isa}"
+    where = f"{platform.machine()}, {os.cpu_count()} cores, {isa}"
+    xla_flags = os.environ.get("XLA_FLAGS", "").strip()
+    return where + (f", XLA_FLAGS='{xla_flags}'" if xla_flags else "")

@@ -248,10 +248,10 @@ def flax_comparison(directory: str) -> list[str]:
 def throughput_tables() -> list[str]:
     """Each workload's throughput, MFU and memory per dtype, and with --loss_steps loss curves."""
     peak32, peak16 = matmul_peak(jnp.float32), matmul_peak(jnp.bfloat16)
-    machine = f"{platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}"
+    where = f"{machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}"
     versions = f"jax {jax.__version__}"
     lines = [
-        f"### train_throughput, {datetime.date.today()}, {machine}, {versions}, {code_version()}",
+        f"### train_throughput, {datetime.date.today()}, {where}, {versions}, {code_version()}",
         "",
         f"matmul peak (2048^2 jnp.dot): fp32 {peak32 / 1e9:.1f} GFLOP/s, "
         f"bf16 inputs / fp32 accumulation {peak16 / 1e9:.1f} GFLOP/s",
