@@ -12,7 +12,9 @@ seed, 24 source tokens ending in eos): batch 32 beam 4, batch 32 greedy and one 
 greedy, each exactly 32 generated tokens (eos is banned before the 32nd step in every engine).
 Greedy outputs are compared token for token across engines, beam outputs by their best
 hypothesis. Each engine runs in its own process (on 2 cores one engine's spinning thread pool
-slows the next), torch and CTranslate2 with 1 and with --threads threads. The runs are repeated
+slows the next), torch and CTranslate2 with 1 and with --threads threads, tfjax with XLA's
+own thread pool and with a batch's rows split over --threads XLA host devices, one block each
+(`generate.over_devices`, what `Translator(devices=...)` does). The runs are repeated
 in --rounds interleaved rounds (every run once, then every run again), so that a slow spell of
 a shared machine lands on all engines rather than on one. A ratio is computed per round, to the
 reference's faster run in that round; the tables give its median over rounds and each round's.
@@ -189,27 +191,34 @@ def marian_spec(processor: decode.LogitsProcessor) -> decode.DecodeSpec:
 
 class TfjaxEngine:
     """tfjax's jitted decoders over the converted parameters (bf16: parameters and compute
-    in bfloat16, products accumulated in float32)."""
+    in bfloat16, products accumulated in float32; split: a batch's rows decoded in blocks,
+    one per device, `generate.over_devices`)."""
 
-    def __init__(self, converted: MarianImport, bf16: bool = False) -> None:
+    def __init__(self, converted: MarianImport, bf16: bool = False, split: bool = False) -> None:
         config, params = converted.config, converted.params
         if bf16:
             config = dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
             params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
         self.model = Transformer(config)
         self.params = jax.device_put(params)
+        self.replicas = generate.Replicas.of(params, jax.devices()) if split else None
         self.processor = ban_eos_before(STEPS)  # one object: one compiled program per shape
 
     def decode(
         self, inputs: np.ndarray, beam: int, processor: Any = None, max_len: int = STEPS
     ) -> Any:
+        return self.decode_with(self.params, inputs, beam, processor, max_len)
+
+    def decode_with(
+        self, params: Any, inputs: Any, beam: int, processor: Any = None, max_len: int = STEPS
+    ) -> Any:
         spec = marian_spec(processor or self.processor)
         if beam == 1:
             return generate.translate_greedy(
-                self.model, self.params, inputs, spec, max_decode_len=max_len
+                self.model, params, inputs, spec, max_decode_len=max_len
             )
         return generate.translate_beam(
-            self.model, self.params, inputs, spec, max_decode_len=max_len, beam_size=beam, alpha=0.0
+            self.model, params, inputs, spec, max_decode_len=max_len, beam_size=beam, alpha=0.0
         )
 
     def compile_seconds(self, inputs: np.ndarray, beam: int) -> float:
@@ -225,8 +234,14 @@ class TfjaxEngine:
 
     def run(self, inputs: np.ndarray, beam: int) -> np.ndarray:
         """Best hypothesis ids [B, STEPS]."""
-        out = jax.block_until_ready(self.decode(inputs, beam))
-        tokens = np.asarray(out.tokens)
+        if self.replicas is None:
+            tokens = np.asarray(jax.block_until_ready(self.decode(inputs, beam)).tokens)
+        else:
+
+            def decoder(params: Any, block: jax.Array) -> jax.Array:
+                return self.decode_with(params, block, beam).tokens
+
+            tokens = generate.over_devices(decoder, self.replicas, inputs)
         return tokens if beam == 1 else tokens[:, 0]
 
 
@@ -336,7 +351,7 @@ def worker(engine: str, threads: int, scratch: Path, with_extras: bool) -> None:
     hf_dir = scratch / "hf"
     extras: list[str] = []
     if engine.startswith("tfjax"):
-        tfjax = TfjaxEngine(load_marian(hf_dir), bf16=engine == "tfjax_bf16")
+        tfjax = TfjaxEngine(load_marian(hf_dir), bf16=engine == "tfjax_bf16", split=threads > 0)
         run = tfjax.run
     elif engine == "torch":
         import torch
@@ -357,7 +372,7 @@ def worker(engine: str, threads: int, scratch: Path, with_extras: bool) -> None:
         inputs = source_ids(batch)
         times, out = time_calls(lambda i=inputs, b=beam: run(i, b), _REPEATS.value)
         result[f"{workload}/times"], result[f"{workload}/ids"] = np.array(times), out
-    if engine == "tfjax" and with_extras:
+    if engine == "tfjax" and not threads and with_extras:
         extras = tfjax_extras(tfjax)
     np.savez(scratch / f"{engine}-{threads}.npz", extras=np.array(extras), **result)
 
@@ -373,7 +388,8 @@ def main(argv: list[str]) -> None:
     hf.save_pretrained(directory / "hf")
     for quantization in (None, "int8"):
         ct2_convert(directory, quantization)
-    runs = [("tfjax", 0), ("tfjax_bf16", 0)] + [
+    # ("tfjax", n): a batch's rows split over n XLA host devices, one block each.
+    runs = [("tfjax", 0), ("tfjax", _THREADS.value), ("tfjax_bf16", 0)] + [
         (engine, threads)
         for engine in ("torch", "ct2", "ct2_int8")
         for threads in sorted({1, _THREADS.value})
@@ -396,7 +412,10 @@ def main(argv: list[str]) -> None:
             command += [f"--scratch={directory}", f"--repeats={_REPEATS.value}"]
             # The extra tables do not depend on the round: measure them once.
             command += [f"--extras={index == 0}"]
-            subprocess.run(command, check=True, env=env)
+            devices = f"--xla_force_host_platform_device_count={threads}"
+            split = engine == "tfjax" and threads
+            run_env = dict(env, XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {devices}".strip())
+            subprocess.run(command, check=True, env=run_env if split else env)
             results[engine, threads] = dict(np.load(directory / f"{engine}-{threads}.npz"))
         rounds.append(results)
     lines = report(rounds)
@@ -410,6 +429,13 @@ def _speed(times: np.ndarray, workload: str) -> np.ndarray:
     """tokens/s per timed call, or ms per token for the one-sentence workload."""
     batch, _ = WORKLOADS[workload]
     return times / STEPS * 1e3 if batch == 1 else batch * STEPS / times
+
+
+def _threads(engine: str, threads: int) -> str:
+    """The threads column: XLA's own pool, rows split over host devices, or a thread count."""
+    if engine.startswith("tfjax"):
+        return f"rows over {threads} host devices" if threads else "XLA default"
+    return f"{threads} threads"
 
 
 def _ratio(per_round: list[float]) -> str:
@@ -466,15 +492,15 @@ def report(rounds: list[dict[tuple[str, int], dict[str, np.ndarray]]]) -> list[s
                 for ref in ("torch", "ct2")
             ]
             lines.append(
-                f"| {workload} | {engine} | {threads or 'XLA default'} "
+                f"| {workload} | {engine} | {_threads(engine, threads)} "
                 f"| {'ms/token' if WORKLOADS[workload][0] == 1 else 'tokens/s'} "
                 f"| {figure:.1f} | {every.min():.1f}-{every.max():.1f} "
                 f"| {ratios[0]} | {ratios[1]} |"
             )
-            if engine != "tfjax":
+            if (engine, threads) != ("tfjax", 0):
                 ours = first["tfjax", 0][f"{workload}/ids"]
                 agreements.append(
-                    f"| {workload} | tfjax vs {engine} ({threads} threads) "
+                    f"| {workload} | tfjax vs {engine} ({_threads(engine, threads)}) "
                     f"| {agreement(ours, r[f'{workload}/ids'])} |"
                 )
     lines += [

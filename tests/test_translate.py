@@ -157,3 +157,56 @@ def test_checkpoint_averaging(uninterrupted, tmp_path):
     assert Translator.from_workdir(tmp_path).translate(["ein mann"])[0].pieces
     with pytest.raises(checkpoint.CheckpointError, match="asked to average 9"):
         checkpoint.average_checkpoints(uninterrupted, tmp_path / "x", 9)
+
+
+_SPLIT_SCRIPT = """
+import json, sys
+import jax
+from tfjax.translator import Translator
+workdir, sentences = sys.argv[1], json.loads(sys.argv[2])
+out = {}
+for max_batch in (4, 8):  # row blocks of 1 and of 2 over the 4 devices
+    t = Translator.from_workdir(workdir, max_batch=max_batch, devices=jax.devices())
+    assert len(t._decode_params.copies) == 4  # a `generate.Replicas`: the rows are split
+    for beam in (1, 3):
+        got = t.translate(sentences, beam_size=beam)
+        out[f"{max_batch}-{beam}"] = [[x.text, x.log_probs] for x in got]
+print(json.dumps(dict(devices=jax.device_count(), out=out)))
+"""
+
+
+def test_rows_split_over_devices_translate_as_on_one(uninterrupted):
+    """`Translator(devices=...)` decodes a batch's rows in blocks, one per device, and joins
+    them: the same translations and probabilities as one device decoding the batch whole."""
+    import json
+
+    sentences = ["ein mann", "zwei kinder lesen", "eine frau fährt fahrrad", "ein buch"] * 2
+    sentences = sentences[:7]  # a last batch of 3 rows, bucketed to 4
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    run = subprocess.run(
+        [sys.executable, "-c", _SPLIT_SCRIPT, str(uninterrupted), json.dumps(sentences)],
+        env=dict(os.environ, XLA_FLAGS=flags.strip()),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    split = json.loads(run.stdout.splitlines()[-1])
+    assert split["devices"] == 4
+    whole = Translator.from_workdir(uninterrupted, max_batch=8)
+    for beam in (1, 3):
+        expected = whole.translate(sentences, beam_size=beam)
+        for max_batch in (4, 8):
+            got = split["out"][f"{max_batch}-{beam}"]
+            assert [text for text, _ in got] == [x.text for x in expected]
+            for (_, log_probs), x in zip(got, expected, strict=True):
+                np.testing.assert_allclose(log_probs, x.log_probs, atol=1e-5)
+
+
+def test_cli_cpu_devices_split_rows_and_refuse_zero(uninterrupted):
+    sentences = ["ein mann", "zwei kinder lesen", "eine frau fährt fahrrad"]
+    out = _cli("translate", "--workdir", str(uninterrupted), "--cpu_devices", "2", *sentences)
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = Translator.from_workdir(uninterrupted).translate(sentences)
+    assert out.stdout.splitlines() == [x.text for x in expected]
+    bad = _cli("translate", "--workdir", str(uninterrupted), "--cpu_devices", "0", "ein mann")
+    assert bad.returncode == 2 and "--cpu_devices 0: must be at least 1" in bad.stderr

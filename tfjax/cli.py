@@ -28,7 +28,7 @@ _RECIPE_COMMANDS = ("train", "precompile")
 _LOWEST = {
     "beam": 1, "batch": 1, "show_probs": 0, "last": 1, "min_length": 0,
     "no_repeat_ngram_size": 0, "max_length": 1, "max_batch": 1, "max_tokens": 1,
-    "max_queue": 1, "port": 0,
+    "max_queue": 1, "port": 0, "cpu_devices": 1,
 }  # fmt: skip
 _HIGHEST = {"port": 65535}
 
@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     translate.add_argument("--file", default=None, help="translate the lines of this file")
     translate.add_argument(
         "--show-probs", type=int, default=0, metavar="K", help="print top-K per step"
+    )
+    translate.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the CPU into N XLA host devices and each batch's rows over them",
     )
     translate.add_argument(
         "--plot-attention",
@@ -259,6 +266,21 @@ def _translator(args: argparse.Namespace, **kwargs):
     )
 
 
+def _cpu_devices(n: int) -> list | None:
+    """N XLA host devices for `Translator(devices=...)`; None for 1. The flag must be set
+    before JAX starts its backend, which this command has not done yet."""
+    if n == 1:
+        return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    import jax
+
+    devices = jax.devices("cpu")
+    if len(devices) != n:  # the backend had started (an in-process caller), or XLA_FLAGS wins
+        raise CommandError(f"--cpu_devices {n}: JAX runs {len(devices)} CPU devices here")
+    return devices
+
+
 def _lines(args: argparse.Namespace) -> tuple[list[str], bool]:
     """(sentences, whether to show progress)."""
     if args.sentences:
@@ -300,7 +322,7 @@ def _translate(args: argparse.Namespace) -> int:
     sentences, progress = _lines(args)  # a bad file fails before the checkpoint is restored
     if plot and not sentences:
         raise CommandError("--plot-attention: no sentence to translate", status=2)
-    translator = _translator(args)
+    translator = _translator(args, devices=_cpu_devices(args.cpu_devices))
     layers = translator.config.decoder_layers
     if plot and not -layers <= args.plot_layer < layers:
         message = f"--plot-layer {args.plot_layer}: the decoder has layers 0-{layers - 1}"

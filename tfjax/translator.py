@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -101,10 +102,14 @@ class Translator:
         max_source_len: int | None = None,
         max_decode_len: int = 128,
         max_batch: int = 32,
+        devices: Sequence[jax.Device] | None = None,
     ) -> None:
         """max_source_len: longer sources are truncated (None: the model's max_len);
         max_decode_len: the longest translation, eos included; max_batch: sentences per
-        decoder call."""
+        decoder call; devices: `translate` decodes each batch's rows split over these
+        devices, a copy of the parameters on each (`generate.Replicas`; on a CPU, host
+        devices from XLA_FLAGS=--xla_force_host_platform_device_count=N); None: on the
+        parameters as given, as every other method does."""
         self.config = config
         self.model = Transformer(config)
         self.params = params
@@ -114,6 +119,8 @@ class Translator:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: a decoder call takes at least 1 sentence")
         self.max_batch = max_batch
+        many = devices is not None and len(devices) > 1
+        self._decode_params = generate.Replicas.of(params, devices) if many else params
 
     @classmethod
     def from_workdir(
@@ -216,7 +223,7 @@ class Translator:
         for rows, inputs in self._batches(ids):
             out = decode_best(
                 self.model,
-                self.params,
+                self._decode_params,
                 inputs,
                 beam_size=beam_size,
                 alpha=alpha,
