@@ -95,6 +95,12 @@ def test_cli_evaluate_prints_bleu_with_signature(uninterrupted):
     out = _cli("evaluate", "--workdir", str(uninterrupted), "--split", "test")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "BLEU" in out.stdout and "chrF" in out.stdout and "nrefs:1|case:mixed" in out.stdout
+    # Rows split over two host devices: the same translations, so the same scores.
+    args = ("--split", "test", "--beam", "2", "--cpu_devices", "2")
+    split = _cli("evaluate", "--workdir", str(uninterrupted), *args)
+    whole = _cli("evaluate", "--workdir", str(uninterrupted), *args[:-2])
+    assert split.returncode == 0 and whole.returncode == 0, split.stderr[-2000:]
+    assert split.stdout == whole.stdout and "BLEU" in split.stdout
 
 
 def test_typed_sentences_are_translated_as_each_line_ends(uninterrupted):

@@ -59,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty")
         p.add_argument("--batch", type=int, default=32, help="sentences per decoder call")
 
+    def devices_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--cpu_devices",
+            type=int,
+            default=1,
+            metavar="N",
+            help="split the CPU into N XLA host devices and each batch's rows over them",
+        )
+
     def decoding_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--min_length", type=int, default=0, help="pieces before eos may come")
         p.add_argument(
@@ -67,18 +76,13 @@ def _parser() -> argparse.ArgumentParser:
 
     translate = commands.add_parser("translate", help="translate sentences")
     restore_args(translate)
+    devices_arg(translate)
     translate.add_argument("sentences", nargs="*", help="text; none: lines of --file or stdin")
     translate.add_argument("--file", default=None, help="translate the lines of this file")
     translate.add_argument(
         "--show-probs", type=int, default=0, metavar="K", help="print top-K per step"
     )
-    translate.add_argument(
-        "--cpu_devices",
-        type=int,
-        default=1,
-        metavar="N",
-        help="split the CPU into N XLA host devices and each batch's rows over them",
-    )
+
     translate.add_argument(
         "--plot-attention",
         default=None,
@@ -98,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="translate a split and score it")
     restore_args(evaluate)
     decoding_args(evaluate)
+    devices_arg(evaluate)
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--data_dir", default=None, help="where the data is now, if it moved")
 
@@ -446,6 +451,7 @@ def _check_texts(texts: Sequence[str], args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    devices = _cpu_devices(args.cpu_devices)  # before anything starts JAX's backend
     from tfjax import recipe
 
     config, data = recipe.workdir_data(args.workdir, args.step, args.data_dir)
@@ -455,7 +461,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     summaries = recipe.task(config) == "summarization"
     # Summaries are as long as training allowed (the pipeline's default max_length too).
     longest = dict(max_decode_len=config.max_target_len) if summaries else {}
-    result = _translator(args, **longest).evaluate(
+    result = _translator(args, devices=devices, **longest).evaluate(
         source,
         beam_size=args.beam,
         alpha=args.alpha,

@@ -104,9 +104,11 @@ def evaluate_split(
     decode_sentences: int | None = None,
     mesh: Mesh | None = None,
     progress: bool = False,
+    decode_params: Any = None,
 ) -> dict[str, Any]:
     """Loss on every example of `source` ({"source", "target"} dicts), and the `scores` of
-    the translations of its first `decode_sentences` (None: all; 0: no decoding).
+    the translations of its first `decode_sentences` (None: all; 0: no decoding), decoded
+    with `decode_params` (a `generate.Replicas`, say; None: `params`).
 
     With a `mesh` (the trainer's), each process reads its own rows of every batch
     (options.batch_size per process) and the rows are placed on the mesh, so the loss sums
@@ -121,7 +123,7 @@ def evaluate_split(
         chosen = [batches[i] for i in range(-(-wanted // rows))]
         hyps = translate_batches(
             model,
-            params,
+            params if decode_params is None else decode_params,
             chosen,
             tokenizer,
             max_decode_len=options.max_target_len,
