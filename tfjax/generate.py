@@ -357,7 +357,8 @@ class Replicas:
 
     On a CPU split into host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N),
     each block runs on its own thread: XLA:CPU's own threads gain little on the small
-    products of a decode step, so two blocks of 16 sentences beat one batch of 32.
+    products of a decode step, so for beam search two blocks of 16 sentences beat one batch
+    of 32 (greedy's smaller blocks did not gain; README, decoding against CTranslate2).
     """
 
     copies: tuple[Params, ...]
@@ -365,6 +366,7 @@ class Replicas:
 
     @classmethod
     def of(cls, params: Params, devices: Sequence[jax.Device]) -> "Replicas":
+        """`params` copied onto each of `devices`."""
         return cls(tuple(jax.device_put(params, d) for d in devices), tuple(devices))
 
     def blocks(self, rows: int) -> int:

@@ -106,9 +106,9 @@ class Translator:
     ) -> None:
         """max_source_len: longer sources are truncated (None: the model's max_len);
         max_decode_len: the longest translation, eos included; max_batch: sentences per
-        decoder call; devices: `translate` and `evaluate` decode each batch's rows split over these
-        devices, a copy of the parameters on each (`generate.Replicas`; on a CPU, host
-        devices from XLA_FLAGS=--xla_force_host_platform_device_count=N); None: on the
+        decoder call; devices: `translate` and `evaluate` decode each batch's rows split
+        over these devices, a copy of the parameters on each (`generate.Replicas`; on a CPU,
+        host devices from XLA_FLAGS=--xla_force_host_platform_device_count=N); None: on the
         parameters as given, as every other method (and evaluate's loss) does."""
         self.config = config
         self.model = Transformer(config)
