@@ -412,10 +412,11 @@ def main(argv: list[str]) -> None:
             command += [f"--scratch={directory}", f"--repeats={_REPEATS.value}"]
             # The extra tables do not depend on the round: measure them once.
             command += [f"--extras={index == 0}"]
-            devices = f"--xla_force_host_platform_device_count={threads}"
-            split = engine == "tfjax" and threads
-            run_env = dict(env, XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {devices}".strip())
-            subprocess.run(command, check=True, env=run_env if split else env)
+            run_env = env
+            if engine == "tfjax" and threads:  # the rows split over `threads` host devices
+                devices = f"--xla_force_host_platform_device_count={threads}"
+                run_env = dict(env, XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {devices}".strip())
+            subprocess.run(command, check=True, env=run_env)
             results[engine, threads] = dict(np.load(directory / f"{engine}-{threads}.npz"))
         rounds.append(results)
     lines = report(rounds)

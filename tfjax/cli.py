@@ -82,7 +82,6 @@ def _parser() -> argparse.ArgumentParser:
     translate.add_argument(
         "--show-probs", type=int, default=0, metavar="K", help="print top-K per step"
     )
-
     translate.add_argument(
         "--plot-attention",
         default=None,
@@ -276,8 +275,7 @@ def _cpu_devices(n: int) -> list | None:
     before JAX starts its backend, which this command has not done yet."""
     if n == 1:
         return None
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    _ask_host_devices(n)
     import jax
 
     devices = jax.devices("cpu")
@@ -574,9 +572,14 @@ def _simulated_devices(topology: str) -> None:
 
     jax.config.update("jax_platforms", "cpu")  # compile-only: never claim an accelerator
     if topology.startswith("cpu:") and "device_count" not in os.environ.get("XLA_FLAGS", ""):
-        count = topology.removeprefix("cpu:")
-        flag = f"--xla_force_host_platform_device_count={count}"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        _ask_host_devices(topology.removeprefix("cpu:"))  # checked by precompile.get_target
+
+
+def _ask_host_devices(count: int | str) -> None:
+    """Ask XLA for `count` CPU host devices: appended to XLA_FLAGS (the last one named wins),
+    which JAX reads when it starts its CPU backend."""
+    flag = f"--xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
 def _search_batch(config, target, train) -> str:
