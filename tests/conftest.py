@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # The suite runs on CPU devices; with libtpu installed (the "tpu" extra) JAX would otherwise
 # probe for a TPU in this process and every subprocess. TPU compiles use topology descriptions.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, made by the process pytest starts: its
+# pytest-xdist workers and every subprocess they start inherit the environment. The suite's
+# many short training and CLI runs compile the same tiny steps again and again.
+_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if not _XDIST_WORKER:
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="tfjax-tests-xla-cache-"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
 STEPS = 80
 # A model small enough that a step costs milliseconds; every checkpoint-relevant path runs.
 TINY = [
@@ -128,9 +140,26 @@ def multi_device_run() -> subprocess.Popen:
     )
 
 
+def pytest_configure(config) -> None:
+    # This process imported jax before the environment above was set: tell it directly.
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config) -> None:
+    if not _XDIST_WORKER:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
 def pytest_collection_finish(session) -> None:
     # The 8-device run is one process that mostly compiles, on one core: started now, it runs
-    # beside the rest of the suite on the other core instead of after it.
+    # beside the rest of the suite on the other core instead of after it. Under pytest-xdist,
+    # where every worker collects every test and the cores are busy already, the test starts it.
+    if _XDIST_WORKER:
+        return
     if any(item.originalname == MULTI_DEVICE_TEST for item in session.items):
         _STARTED[MULTI_DEVICE_TEST] = multi_device_run()
 
