@@ -63,7 +63,8 @@ def load(directory: str) -> tuple[types.ModuleType, Any]:
 
 
 def describe(directory: str) -> str:
-    """'flax examples/wmt at <short commit>', or 'flax example from <directory>' outside git."""
+    """'flax examples/wmt at <short commit>', or, outside git, a phrase without the directory
+    (a path of one machine says nothing in a shared results file)."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -73,7 +74,7 @@ def describe(directory: str) -> str:
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return f"flax example from {directory}"
+        return "flax examples/wmt outside git (its commit not recorded)"
     return f"flax examples/wmt at {commit}"
 
 

@@ -141,7 +141,7 @@ def multi_device_run() -> subprocess.Popen:
 
 
 def pytest_configure(config) -> None:
-    # This process imported jax before the environment above was set: tell it directly.
+    # jax reads its environment when imported, here before the lines above ran (tfjax.data).
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
