@@ -361,13 +361,12 @@ class Replicas:
     of 32 (greedy's smaller blocks did not gain; README, decoding against CTranslate2).
     """
 
-    copies: tuple[Params, ...]
-    devices: tuple[jax.Device, ...]
+    copies: tuple[Params, ...]  # one per device; a block's host rows follow its copy there
 
     @classmethod
     def of(cls, params: Params, devices: Sequence[jax.Device]) -> "Replicas":
         """`params` copied onto each of `devices`."""
-        return cls(tuple(jax.device_put(params, d) for d in devices), tuple(devices))
+        return cls(tuple(jax.device_put(params, d) for d in devices))
 
     def blocks(self, rows: int) -> int:
         """How many blocks `rows` rows go in: the most devices that divide them evenly, so
@@ -416,10 +415,8 @@ def over_devices(decoder: Callable[[Params, Any], Any], replicas: Replicas, inpu
     inputs [B, S], one block per device of `replicas` (`Replicas.blocks`), every block
     dispatched before any is fetched; the outputs, fetched to the host, joined: [B, ...]."""
     blocks = np.split(np.asarray(inputs), replicas.blocks(len(inputs)))  # n x [B / n, S]
-    outs = [
-        decoder(copy, jax.device_put(block, device))
-        for copy, device, block in zip(replicas.copies, replicas.devices, blocks, strict=False)
-    ]
+    # Host arrays are uncommitted: jit runs each block where its committed copy lives.
+    outs = [decoder(copy, block) for copy, block in zip(replicas.copies, blocks, strict=False)]
     return jax.tree_util.tree_map(lambda *x: np.concatenate(x), *map(to_host, outs))
 
 
