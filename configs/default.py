@@ -62,7 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Encoder-only tasks.
     config.mask_rate = 0.15  # masked_lm: share of each row's pieces predicted
     config.label_names = ()  # classification: display names, in the order of the data's labels
-    config.init_from = ""  # classification: a masked_lm workdir whose encoder starts the model
+    # A masked_lm workdir whose encoder, token table and tokenizer start the model (any task
+    # but masked_lm; an encoder–decoder sharing its table starts its decoder's table from it).
+    config.init_from = ""
     # Scale: mesh axis sizes (data, fsdp, tensor); -1 takes the remaining devices.
     config.mesh = (-1, 1, 1)
     # Token-level knowledge distillation (tfjax.distill): off while teacher_workdir is "".

@@ -217,6 +217,19 @@ def test_validate_lists_every_problem_at_once():
         assert f"{key}=" in message, key
 
 
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--config.task=masked_lm", "--config.dataset=folder"], "not masked_lm"),
+        (["--config.distill.teacher_workdir=/teacher"], "both choose the tokenizer"),
+    ],
+    ids=["masked_lm", "with_a_teacher"],
+)
+def test_init_from_is_refused_where_it_cannot_start_the_model(extra, fragment):
+    with pytest.raises(recipe.ConfigError, match=fragment):
+        recipe.validate(_config("--config.init_from=/masked-lm", *extra))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("[!_]*.py")), ids=lambda p: p.stem)
 def test_every_shipped_config_is_valid(path):
     recipe.validate(load_config(str(path)))

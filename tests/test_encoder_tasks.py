@@ -1,14 +1,16 @@
-"""Encoder-only models: BERT masking, the masked-LM and classifier losses, padding, init_from."""
+"""Encoder-only models: BERT masking, the masked-LM and classifier losses, padding, init_from
+(into a classifier and into an encoder–decoder)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import train_in_process
 from flax import linen as nn
 
 from tfjax import checkpoint, evaluate, train_lib
 from tfjax.masking import Masking, mask_tokens
-from tfjax.model import Classifier, MaskedLM, preset
+from tfjax.model import Classifier, MaskedLM, Transformer, preset
 from tfjax.model.encoder_only import load_encoder
 
 MASKING = Masking(mask_id=4, vocab_size=300)
@@ -157,3 +159,49 @@ def test_classifier_starts_from_the_masked_lm(mlm_workdir, classifier_workdir):
     assert (classifier_workdir / "spm.model").read_bytes() == (
         mlm_workdir / "spm.model"
     ).read_bytes()
+
+
+def test_load_encoder_into_an_encoder_decoder_takes_its_encoder_and_shared_table():
+    cfg = preset("tiny", vocab_size=300)
+    inputs = jnp.ones((1, 8), jnp.int32)
+    lm = nn.unbox(MaskedLM(cfg).init(jax.random.key(1), inputs)["params"])
+    fresh = nn.unbox(Transformer(cfg).init(jax.random.key(0), inputs, inputs)["params"])
+    loaded = load_encoder(fresh, lm)
+    same = jax.tree_util.tree_map(np.array_equal, loaded["encoder"], lm["encoder"])
+    assert all(jax.tree_util.tree_leaves(same))
+    assert np.array_equal(
+        loaded["shared_embedding"]["embedding"], lm["token_embedding"]["embedding"]
+    )
+    assert loaded["decoder"] is fresh["decoder"]  # the decoder starts fresh
+    deeper = nn.unbox(
+        Transformer(preset("tiny", vocab_size=300, num_layers=3)).init(
+            jax.random.key(0), inputs, inputs
+        )["params"]
+    )
+    with pytest.raises(ValueError, match="encoder/layer_2/.* missing"):
+        load_encoder(deeper, lm)
+
+
+def test_encoder_decoder_training_starts_from_the_masked_lm(mlm_workdir, corpus, tmp_path):
+    """A translation run with init_from: after a few Adam steps its encoder and shared table
+    are still within a few learning rates of the masked LM's, and it reads its tokenizer."""
+    steps, lr = 6, 3e-3
+    workdir = tmp_path / "translation"
+    train_in_process(
+        workdir, "--config.dataset=folder", "--config.source_lang=de",
+        "--config.target_lang=en", f"--config.data_dir={corpus}", "--config.test_split=",
+        f"--config.num_train_steps={steps}", f"--config.learning_rate={lr}",
+        f"--config.init_from={mlm_workdir}",
+    )  # fmt: skip
+    _, lm, _, _ = checkpoint.restore_for_inference(mlm_workdir)
+    _, mt, _, _ = checkpoint.restore_for_inference(workdir)
+    pairs = [(mt["shared_embedding"], lm["token_embedding"]), (mt["encoder"], lm["encoder"])]
+    moved = max(
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for ours, theirs in pairs
+        for a, b in zip(*map(jax.tree_util.tree_leaves, (ours, theirs)), strict=True)
+    )
+    # An Adam step moves a weight by about its learning rate at most; a fresh init is far off.
+    table = np.asarray(lm["token_embedding"]["embedding"])
+    assert moved < 3 * steps * lr < np.abs(table).max()
+    assert (workdir / "spm.model").read_bytes() == (mlm_workdir / "spm.model").read_bytes()

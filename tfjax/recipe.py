@@ -129,8 +129,11 @@ def _task_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems = []
     if name == "classification" and config.pack:
         problems.append("task='classification' needs pack=False (one example per row)")
-    if config.get("init_from") and name != "classification":
-        problems.append("init_from (a masked-LM workdir) is for task='classification'")
+    if config.get("init_from") and name == "masked_lm":
+        problems.append("init_from (a masked-LM workdir) starts the other tasks, not masked_lm")
+    if config.get("init_from") and config.distill.teacher_workdir:
+        # Each would give the workdir its own tokenizer; the model can read only one.
+        problems.append("init_from and distill.teacher_workdir both choose the tokenizer; set one")
     if encoder_only(config) and config.dataset != "folder":
         problems.append(f"task={name!r} reads dataset='folder' (data_dir: a folder of files)")
     if encoder_only(config) and config.distill.teacher_workdir:

@@ -68,7 +68,7 @@ def _restore_teacher(
 def _restore_encoder(config: ml_collections.ConfigDict, workdir: epath.Path) -> Any | None:
     """The params of config.init_from (a masked-LM workdir) on the host, or None.
 
-    The classifier must read the pieces its encoder was trained on, so that workdir's
+    The new model must read the pieces its encoder was trained on, so that workdir's
     tokenizer becomes this one's spm.model (kept if already there, as on a resumed run).
     """
     if not config.get("init_from"):

@@ -2,8 +2,8 @@
 
 Both are the encoder–decoder's `Encoder` (same layers, axis names and presets) over one
 token table, with their parameters named alike ("token_embedding", "encoder"), so a
-classifier can start from a masked LM's encoder (`load_encoder`). Inputs start with bos,
-which plays BERT's [CLS]: first-token pooling reads it.
+classifier, or an encoder–decoder, can start from a masked LM's encoder (`load_encoder`).
+Inputs start with bos, which plays BERT's [CLS]: first-token pooling reads it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from tfjax.model.layers import (
 )
 from tfjax.model.transformer import Encoder, tied_logits
 
-ENCODER_PARAMS = ("token_embedding", "encoder")  # what a classifier takes from a masked LM
+# Where a model keeps the token table its encoder reads: an encoder-only model; an
+# encoder–decoder sharing one table; one with a table per side.
+ENCODER_TABLES = ("token_embedding", "shared_embedding", "source_embedding")
 
 
 class MaskedLM(nn.Module):
@@ -107,11 +109,17 @@ class Classifier(nn.Module):
 
 
 def load_encoder(params: dict[str, Any], encoder_params: dict[str, Any]) -> dict[str, Any]:
-    """`params` with their token table and encoder replaced by `encoder_params`' (e.g. a
-    masked LM's); raises ValueError naming the parameters that are missing or differ."""
+    """`params` with their token table and encoder replaced by `encoder_params`' (a masked
+    LM's); raises ValueError naming the parameters that are missing or differ.
+
+    `params` are an encoder-only model's, or an encoder–decoder's: its encoder and source
+    table take the masked LM's, so with shared embeddings the decoder's table (its input and
+    output layer) starts from the masked LM's too.
+    """
+    table = next(n for n in ENCODER_TABLES if n in params)
     out = dict(params)
-    for name in ENCODER_PARAMS:
-        new = traverse_util.flatten_dict(encoder_params[name], sep="/")
+    for name, source in ((table, "token_embedding"), ("encoder", "encoder")):
+        new = traverse_util.flatten_dict(encoder_params[source], sep="/")
         old = traverse_util.flatten_dict(params[name], sep="/")
         problems = [f"{name}/{k} missing" for k in old.keys() - new.keys()]
         problems += [f"{name}/{k} not in this model" for k in new.keys() - old.keys()]
@@ -122,5 +130,5 @@ def load_encoder(params: dict[str, Any], encoder_params: dict[str, Any]) -> dict
         ]
         if problems:
             raise ValueError("the encoder does not fit this model: " + "; ".join(sorted(problems)))
-        out[name] = encoder_params[name]
+        out[name] = encoder_params[source]
     return out
