@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.source_lang = "dialogue"  # the JSON field summarized
     config.target_lang = "summary"  # the JSON field of the reference summary
     config.vocab_size = 8000
-    config.max_source_len = 256  # pieces; about 90% of the dialogues fit
-    config.max_target_len = 64
+    config.max_source_len = 256  # pieces, eos included: 86% of the train dialogues fit
+    config.max_target_len = 64  # 96.5% of the train summaries fit
     config.batch_size = 16  # packed rows of 256 source pieces
     config.model = ml_collections.ConfigDict(
         dict(
