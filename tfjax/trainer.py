@@ -44,13 +44,20 @@ class TrainingError(RuntimeError):
     """Training cannot start or go on: bad workdir, incompatible resume, NaN loss."""
 
 
+def _adopt_tokenizer(workdir: epath.Path, tokenizer_bytes: bytes) -> None:
+    """Make another workdir's tokenizer this one's spm.model, which the data pipeline then
+    loads instead of training its own; kept if already there, as on a resumed run."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "spm.model").exists():
+        (workdir / "spm.model").write_bytes(tokenizer_bytes)
+
+
 def _restore_teacher(
     config: ml_collections.ConfigDict, workdir: epath.Path
 ) -> tuple[Distillation, Any] | None:
     """(Distillation, teacher params on the host) of config.distill, or None.
 
-    The student must read the teacher's pieces, so the teacher's tokenizer becomes the
-    student's spm.model (it is kept if it is already there, as on a resumed run).
+    The student must read the teacher's pieces, so it adopts the teacher's tokenizer.
     """
     values = config.distill
     if not values.teacher_workdir:
@@ -58,9 +65,7 @@ def _restore_teacher(
     teacher_cfg, params, tokenizer_bytes, _ = checkpoint.restore_for_inference(
         values.teacher_workdir
     )
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "spm.model").exists():
-        (workdir / "spm.model").write_bytes(tokenizer_bytes)
+    _adopt_tokenizer(workdir, tokenizer_bytes)
     distill = Distillation(Transformer(teacher_cfg), values.alpha, values.temperature)
     return distill, jax.device_get(params)
 
@@ -68,17 +73,15 @@ def _restore_teacher(
 def _restore_encoder(config: ml_collections.ConfigDict, workdir: epath.Path) -> Any | None:
     """The params of config.init_from (a masked-LM workdir) on the host, or None.
 
-    The new model must read the pieces its encoder was trained on, so that workdir's
-    tokenizer becomes this one's spm.model (kept if already there, as on a resumed run).
+    The new model must read the pieces its encoder was trained on, so it adopts that
+    workdir's tokenizer.
     """
     if not config.get("init_from"):
         return None
     cfg, params, tokenizer_bytes, meta = checkpoint.restore_for_inference(config.init_from)
     if recipe.task(ml_collections.ConfigDict(meta["train"])) != "masked_lm":
         raise TrainingError(f"init_from={config.init_from} is not a masked_lm workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "spm.model").exists():
-        (workdir / "spm.model").write_bytes(tokenizer_bytes)
+    _adopt_tokenizer(workdir, tokenizer_bytes)
     logging.info("Starting the encoder from %s (vocab %d)", config.init_from, cfg.vocab_size)
     return jax.device_get(params)
 
