@@ -108,9 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     pipe = commands.add_parser(
         "pipeline",
         help="run a task pipeline (fill-mask, text-classification, sentiment-analysis, "
-        "translation) over texts; prints one JSON result per text",
+        "translation, summarization) over texts; prints one JSON result per text",
     )
-    pipe.add_argument("task", help="fill-mask, text-classification, sentiment-analysis, ...")
+    pipe.add_argument(
+        "task",
+        help="fill-mask, text-classification, sentiment-analysis, translation, summarization",
+    )
     pipe.add_argument("--workdir", required=True, help="a training workdir of that task")
     pipe.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     pipe.add_argument("--best", action="store_true", help="the best checkpoint")
@@ -125,7 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     pipe.add_argument("--max_length", type=int, default=None, help="summarization: pieces")
     decoding_args(pipe)
     pipe.add_argument(
-        "--show-probs", type=int, default=0, metavar="K", help="translation: top-K per step"
+        "--show-probs",
+        type=int,
+        default=0,
+        metavar="K",
+        help="translation, summarization: top-K per step",
     )
 
     serve = commands.add_parser(
