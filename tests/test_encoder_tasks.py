@@ -206,3 +206,10 @@ def test_encoder_decoder_training_starts_from_the_masked_lm(mlm_workdir, corpus,
     table = np.asarray(lm["token_embedding"]["embedding"])
     assert moved < 3 * steps * lr < np.abs(table).max()
     assert (workdir / "spm.model").read_bytes() == (mlm_workdir / "spm.model").read_bytes()
+    # A resume takes its weights from the checkpoint: a masked LM moved away since is not needed.
+    train_in_process(
+        workdir, "--config.dataset=folder", "--config.source_lang=de",
+        "--config.target_lang=en", f"--config.data_dir={corpus}", "--config.test_split=",
+        f"--config.num_train_steps={steps + 1}", f"--config.init_from={tmp_path / 'moved'}",
+    )  # fmt: skip
+    assert (workdir / "checkpoints" / str(steps + 1)).is_dir()

@@ -162,6 +162,13 @@ def _step_dir(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointMa
     return manager, step
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+    """Whether `workdir` holds a finished training checkpoint (Orbax names each by its step;
+    a save in progress is a temporary folder)."""
+    directory = epath.Path(workdir) / "checkpoints"
+    return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def best_step(workdir: str | Path) -> int:
     """The step of the checkpoint `best/` holds (the best on the evaluation split)."""
     return _step_dir(epath.Path(workdir) / "best", None)[1]

@@ -74,9 +74,13 @@ def _restore_encoder(config: ml_collections.ConfigDict, workdir: epath.Path) -> 
     """The params of config.init_from (a masked-LM workdir) on the host, or None.
 
     The new model must read the pieces its encoder was trained on, so it adopts that
-    workdir's tokenizer.
+    workdir's tokenizer. A resumed run has its weights and tokenizer already: it never reads
+    init_from, which may have moved since.
     """
     if not config.get("init_from"):
+        return None
+    if checkpoint.has_checkpoint(workdir):
+        logging.info("Resuming: init_from=%s is not read", config.init_from)
         return None
     cfg, params, tokenizer_bytes, meta = checkpoint.restore_for_inference(config.init_from)
     if recipe.task(ml_collections.ConfigDict(meta["train"])) != "masked_lm":
