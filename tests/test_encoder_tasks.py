@@ -189,11 +189,11 @@ def test_encoder_decoder_training_starts_from_the_masked_lm(mlm_workdir, corpus,
     # The default rate, so the step is the one the suite's other runs compiled.
     steps, lr = 6, default.get_config().learning_rate
     workdir = tmp_path / "translation"
+    recipe = ["--config.dataset=folder", "--config.source_lang=de", "--config.target_lang=en",
+              f"--config.data_dir={corpus}", "--config.test_split="]  # fmt: skip
     train_in_process(
-        workdir, "--config.dataset=folder", "--config.source_lang=de",
-        "--config.target_lang=en", f"--config.data_dir={corpus}", "--config.test_split=",
-        f"--config.num_train_steps={steps}", f"--config.init_from={mlm_workdir}",
-    )  # fmt: skip
+        workdir, *recipe, f"--config.num_train_steps={steps}", f"--config.init_from={mlm_workdir}"
+    )
     _, lm, _, _ = checkpoint.restore_for_inference(mlm_workdir)
     _, mt, _, _ = checkpoint.restore_for_inference(workdir)
     pairs = [(mt["shared_embedding"], lm["token_embedding"]), (mt["encoder"], lm["encoder"])]
@@ -207,9 +207,6 @@ def test_encoder_decoder_training_starts_from_the_masked_lm(mlm_workdir, corpus,
     assert moved < 3 * steps * lr < np.abs(table).max()
     assert (workdir / "spm.model").read_bytes() == (mlm_workdir / "spm.model").read_bytes()
     # A resume takes its weights from the checkpoint: a masked LM moved away since is not needed.
-    train_in_process(
-        workdir, "--config.dataset=folder", "--config.source_lang=de",
-        "--config.target_lang=en", f"--config.data_dir={corpus}", "--config.test_split=",
-        f"--config.num_train_steps={steps + 1}", f"--config.init_from={tmp_path / 'moved'}",
-    )  # fmt: skip
+    moved_away = f"--config.init_from={tmp_path / 'moved'}"
+    train_in_process(workdir, *recipe, f"--config.num_train_steps={steps + 1}", moved_away)
     assert (workdir / "checkpoints" / str(steps + 1)).is_dir()
