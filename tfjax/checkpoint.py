@@ -163,10 +163,12 @@ def _step_dir(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointMa
 
 
 def has_checkpoint(workdir: str | Path) -> bool:
-    """Whether `workdir` holds a finished training checkpoint (Orbax names each by its step;
-    a save in progress is a temporary folder)."""
-    directory = epath.Path(workdir) / "checkpoints"
-    return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+    """Whether `workdir` holds a finished training checkpoint: one a resume would restore."""
+    try:
+        _step_dir(epath.Path(workdir) / "checkpoints", None)
+    except CheckpointError:
+        return False
+    return True
 
 
 def best_step(workdir: str | Path) -> int:
