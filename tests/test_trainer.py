@@ -232,7 +232,9 @@ def test_a_corrupt_latest_checkpoint_is_named_with_the_way_back(corpus, uninterr
     )
     assert out.returncode != 0, out.stderr[-3000:]
     # TensorStore reads still in flight may report on Orbax's closed event loop around it.
-    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+    errors = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    (line,) = errors
     assert line.startswith(f"error: checkpoint {workdir}/checkpoints/{steps[-1]}: ")
     assert f"resume from step {steps[-2]}, move {workdir}/checkpoints/{steps[-1]} aside" in line
     assert "tensorstore_spec" not in line

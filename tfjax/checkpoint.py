@@ -109,7 +109,10 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = self.latest.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+        except Exception as e:
+            # Concurrent reads of a damaged checkpoint fail in whichever order they land, not
+            # always as TensorStore's ValueError: any of them means this step cannot resume.
+            # TFJAX_TRACEBACK shows the cause.
             path, earlier = self.latest.directory / str(step), self.latest.all_steps()[:-1]
             hint = f"; to resume from step {earlier[-1]}, move {path} aside" if earlier else ""
             raise CheckpointError(f"checkpoint {path}: {_reason(e)}{hint}") from e
