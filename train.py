@@ -7,7 +7,7 @@ A workdir with checkpoints is resumed from its latest one. The same command as
 
 import sys
 
-from tfjax.cli import exit_with, main
+from tfjax.cli import main
 
 if __name__ == "__main__":
-    exit_with(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -220,7 +220,7 @@ def test_an_older_data_position_resumes_the_weights_and_test_split_empty_skips_t
 
 def test_a_corrupt_latest_checkpoint_is_named_with_the_way_back(corpus, uninterrupted, tmp_path):
     """A resume whose newest checkpoint cannot be read stops with one line saying which step
-    to fall back to, and leaves the checkpoints as they were."""
+    to fall back to, and no traceback, and leaves the checkpoints as they were."""
     workdir = tmp_path / "w"
     shutil.copytree(uninterrupted, workdir)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -231,10 +231,9 @@ def test_a_corrupt_latest_checkpoint_is_named_with_the_way_back(corpus, uninterr
         train_command(workdir, corpus, steps=STEPS + 10), capture_output=True, text=True
     )
     assert out.returncode != 0, out.stderr[-3000:]
-    # TensorStore reads still in flight may report on Orbax's closed event loop around it.
-    errors = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
-    assert len(errors) == 1, out.stderr[-3000:]
-    (line,) = errors
+    # The reads still in flight when one failed do not report between its lines.
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
     assert line.startswith(f"error: checkpoint {workdir}/checkpoints/{steps[-1]}: ")
     assert f"resume from step {steps[-2]}, move {workdir}/checkpoints/{steps[-1]} aside" in line
     assert "tensorstore_spec" not in line

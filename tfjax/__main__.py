@@ -1,5 +1,7 @@
 """Entry point of `python -m tfjax`."""
 
-from tfjax.cli import exit_with, main
+import sys
 
-exit_with(main())
+from tfjax.cli import main
+
+sys.exit(main())

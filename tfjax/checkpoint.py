@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +108,10 @@ class Checkpointer:
         items = dict(state=ocp.args.StandardRestore(target_state))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        _quiet_orphaned_reads()
         try:
             restored = self.latest.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:
-            # Concurrent reads of a damaged checkpoint fail in whichever order they land, not
-            # always as TensorStore's ValueError: any of them means this step cannot resume.
-            # TFJAX_TRACEBACK shows the cause.
+        except (ValueError, FileNotFoundError, OSError, KeyError) as e:
             path, earlier = self.latest.directory / str(step), self.latest.all_steps()[:-1]
             hint = f"; to resume from step {earlier[-1]}, move {path} aside" if earlier else ""
             raise CheckpointError(f"checkpoint {path}: {_reason(e)}{hint}") from e
@@ -134,6 +133,28 @@ def _reason(error: Exception) -> str:
     if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
         return error.args[0]
     return str(error).split(" [tensorstore_spec")[0]
+
+
+def _quiet_orphaned_reads() -> None:
+    """Drop the reports of a failed restore's orphaned reads (called before each restore).
+
+    When one read of a checkpoint fails, Orbax closes its event loop while TensorStore still
+    has the others in flight; each of those then lands on the closed loop and Python prints
+    "RuntimeError: Event loop is closed" through `sys.unraisablehook`, from TensorStore's
+    threads, in pieces between the lines of the error the user should read. The hook keeps
+    every other report.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_orphaned_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_orphaned_reads = True
+    sys.unraisablehook = hook
 
 
 def _unreadable(directory: epath.Path, step: int, error: Exception) -> CheckpointError:
@@ -159,6 +180,7 @@ def _step_dir(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointMa
     found = manager.all_steps()
     if not found:
         raise CheckpointError(f"no checkpoint in {directory}")
+    _quiet_orphaned_reads()  # every caller restores from it next
     step = manager.latest_step() if step is None else step
     if step not in found:
         raise CheckpointError(f"no checkpoint step {step} in {directory} (found {found})")

@@ -17,7 +17,6 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
 
 from absl import logging
 from tqdm import tqdm
@@ -673,18 +672,6 @@ def _check_numbers(args: argparse.Namespace, lowest: dict[str, float] = _LOWEST)
             raise CommandError(f"{flag} {value}: must be at least {lowest[name]}", status=2)
         if name in _HIGHEST and value is not None and value > _HIGHEST[name]:
             raise CommandError(f"{flag} {value}: must be at most {_HIGHEST[name]}", status=2)
-
-
-def exit_with(status: int) -> NoReturn:
-    """Leave the process with `status`. A failure leaves without the interpreter's shutdown:
-    a failed checkpoint read can leave TensorStore reads in flight whose callbacks, landing
-    on Orbax's closed event loop, print tracebacks while it runs; leaving at once cuts them
-    short (one may still come out beside the `error:` line: they run on their own threads)."""
-    if status:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
