@@ -3,6 +3,7 @@
 import io
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -127,6 +128,11 @@ def test_translation_pipeline_is_the_translator(uninterrupted):
     np.testing.assert_allclose([s["prob"] for s in steps], np.exp(expected[0].log_probs), 1e-5)
     alternatives = [[piece for piece, _ in s["alternatives"]] for s in steps]
     assert alternatives == [[piece for piece, _ in a] for a in expected[0].alternatives]
+
+
+def test_only_seq2seq_pipelines_split_rows_over_devices(mlm_workdir):
+    with pytest.raises(ValueError, match="only translation and summarization split rows"):
+        tfjax.pipeline("fill-mask", workdir=str(mlm_workdir), devices=jax.devices() * 2)
 
 
 def test_cli_pipeline_prints_json_lines(classifier_workdir, mlm_workdir, capsys):

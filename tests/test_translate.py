@@ -1,5 +1,6 @@
 """Translator and `python -m tfjax` on a checkpoint of the shared tiny training run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -209,5 +210,14 @@ def test_cli_cpu_devices_split_rows_and_refuse_zero(uninterrupted):
     assert out.returncode == 0, out.stderr[-3000:]
     expected = Translator.from_workdir(uninterrupted).translate(sentences)
     assert out.stdout.splitlines() == [x.text for x in expected]
+    # The translation pipeline splits its rows the same way, beam search included.
+    pipe = _cli(
+        "pipeline", "translation", "--workdir", str(uninterrupted), "--cpu_devices", "2",
+        "--beam", "3", *sentences,
+    )  # fmt: skip
+    assert pipe.returncode == 0, pipe.stderr[-3000:]
+    expected = Translator.from_workdir(uninterrupted).translate(sentences, beam_size=3)
+    got = [json.loads(line)["translation_text"] for line in pipe.stdout.splitlines()]
+    assert got == [x.text for x in expected]
     bad = _cli("translate", "--workdir", str(uninterrupted), "--cpu_devices", "0", "ein mann")
     assert bad.returncode == 2 and "--cpu_devices 0: must be at least 1" in bad.stderr

@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     pipe.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     pipe.add_argument("--best", action="store_true", help="the best checkpoint")
     pipe.add_argument("--batch", type=int, default=32, help="texts per model call")
+    devices_arg(pipe)
     pipe.add_argument("sentences", nargs="*", help="texts; none: lines of --file or stdin")
     pipe.add_argument("--file", default=None, help="the texts are the lines of this file")
     pipe.add_argument(
@@ -406,9 +407,13 @@ def _pipeline(args: argparse.Namespace) -> int:
     if not (texts or typed):
         raise CommandError("no texts: give them as arguments, with --file, or on stdin")
     _check_texts(texts, args)  # a bad line fails before the checkpoint loads
+    devices = _cpu_devices(args.cpu_devices)  # before anything starts JAX's backend
     from tfjax.pipelines import pipeline
 
-    pipe = pipeline(args.task, args.workdir, batch_size=args.batch, step=args.step, best=args.best)
+    pipe = pipeline(
+        args.task, args.workdir, batch_size=args.batch, step=args.step, best=args.best,
+        devices=devices,
+    )  # fmt: skip
     options: dict = {}
     if args.task == "fill-mask":
         options = dict(top_k=args.top_k or 5)

@@ -41,17 +41,21 @@ def pipeline(
     batch_size: int = 32,
     step: int | None = None,
     best: bool = False,
+    devices: Sequence[jax.Device] | None = None,
 ) -> FillMaskPipeline | TextClassificationPipeline | TranslationPipeline:  # or a subclass
     """The `task` pipeline over `workdir`'s latest (or `step`, or best) checkpoint.
 
     task: "fill-mask", "text-classification" (alias "sentiment-analysis"), "translation"
     (HF's "translation_xx_to_yy" names are accepted) or "summarization". batch_size: texts
-    per model call.
+    per model call. devices: translation and summarization decode each batch's rows split
+    over these (the `Translator`'s `devices`, e.g. several CPU host devices).
     """
     name = "translation" if task.startswith("translation_") else task
     if name not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
-    trained, pipe = from_workdir(workdir, batch_size=batch_size, step=step, best=best)
+    trained, pipe = from_workdir(
+        workdir, batch_size=batch_size, step=step, best=best, devices=devices
+    )
     if trained != TASKS[name]:
         raise ValueError(
             f"{workdir} holds a {trained} model; the {task!r} pipeline needs a "
@@ -66,6 +70,7 @@ def from_workdir(
     batch_size: int = 32,
     step: int | None = None,
     best: bool = False,
+    devices: Sequence[jax.Device] | None = None,
 ) -> tuple[str, FillMaskPipeline | TextClassificationPipeline | TranslationPipeline]:
     """(the training task, its pipeline) of whatever `workdir` holds; arguments as `pipeline`.
 
@@ -76,6 +81,11 @@ def from_workdir(
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     cfg, params, tokenizer_bytes, meta = checkpoint.restore_for_inference(workdir, step, best=best)
     trained = recipe.task(ml_collections.ConfigDict(meta["train"]))
+    if devices is not None and len(devices) > 1 and trained not in ("translation", "summarization"):
+        raise ValueError(
+            f"{len(devices)} devices: only translation and summarization split rows; {workdir} "
+            f"holds a {trained} model"
+        )
     tokenizer = Tokenizer(tokenizer_bytes)
     max_len = meta["train"].get("max_source_len") or cfg.max_len
     if trained in ("translation", "summarization"):
@@ -89,6 +99,7 @@ def from_workdir(
             max_source_len=max_len,
             max_decode_len=longest,
             max_batch=batch_size,
+            devices=devices,
         )
         kind = TranslationPipeline if trained == "translation" else SummarizationPipeline
         return trained, kind(translator)
