@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -144,6 +145,19 @@ def test_cli_errors_are_one_line(tmp_path):
     out = _cli("translate", "--workdir", str(tmp_path), "hallo")
     assert out.returncode == 1 and out.stderr.strip().startswith("error:")
     assert "training workdir" in out.stderr
+
+
+def test_a_corrupt_checkpoint_is_one_line_without_tracebacks(uninterrupted, tmp_path):
+    """translate stops on a corrupt checkpoint with one line naming it, and no traceback."""
+    workdir = tmp_path / "w"
+    shutil.copytree(uninterrupted, workdir)
+    latest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for data in (workdir / "checkpoints" / str(latest) / "state" / "d").iterdir():
+        data.write_bytes(data.read_bytes()[:100])
+    out = _cli("translate", "--workdir", str(workdir), "ein mann")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    error = f"error: checkpoint {workdir}/checkpoints/{latest} is unreadable: "
+    assert out.stderr.splitlines()[-1].startswith(error)
 
 
 def test_named_and_latest_checkpoints(uninterrupted):

@@ -180,7 +180,6 @@ def _step_dir(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointMa
     found = manager.all_steps()
     if not found:
         raise CheckpointError(f"no checkpoint in {directory}")
-    _quiet_orphaned_reads()  # every caller restores from it next
     step = manager.latest_step() if step is None else step
     if step not in found:
         raise CheckpointError(f"no checkpoint step {step} in {directory} (found {found})")
@@ -205,6 +204,7 @@ def read_meta(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
     """The JSON meta (model and training config) saved with a checkpoint of `workdir`."""
     directory = epath.Path(workdir) / "checkpoints"
     manager, step = _step_dir(directory, step)
+    _quiet_orphaned_reads()
     try:
         return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
@@ -221,6 +221,7 @@ def restore_for_inference(
     directory = epath.Path(workdir) / ("best" if best else "checkpoints")
     manager, step = _step_dir(directory, step)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
+    _quiet_orphaned_reads()
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         tree = manager.item_metadata(step).state.tree
