@@ -22,12 +22,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # pytest-xdist workers and every subprocess they start inherit the environment. The suite's
 # many short training and CLI runs compile the same tiny steps again and again.
 _XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+_CACHE_SETTINGS = {  # every compile is cached, however quick or small
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,
+}
 if not _XDIST_WORKER:
-    os.environ.update(
-        JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="tfjax-tests-xla-cache-"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    )
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfjax-tests-xla-cache-")
+    os.environ.update({name.upper(): str(value) for name, value in _CACHE_SETTINGS.items()})
 STEPS = 80
 # A model small enough that a step costs milliseconds; every checkpoint-relevant path runs.
 TINY = [
@@ -145,8 +146,8 @@ def pytest_configure(config) -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    for name, value in _CACHE_SETTINGS.items():
+        jax.config.update(name, value)
 
 
 def pytest_unconfigure(config) -> None:
