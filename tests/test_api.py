@@ -38,6 +38,15 @@ def test_help_lists_the_commands_and_their_arguments(args):
     assert expected in out.stdout
 
 
+def test_pipeline_help_names_every_task():
+    # The parser lists them by hand: building it must not import the pipelines (and JAX).
+    out = subprocess.run(
+        [sys.executable, "-m", "tfjax", "pipeline", "--help"], capture_output=True, text=True
+    )
+    listed = out.stdout.split("positional arguments:")[1].split("options:")[0]
+    assert all(task in listed for task in pipelines.TASKS), listed
+
+
 def test_unknown_arguments_are_refused_before_any_work():
     out = subprocess.run(
         [sys.executable, "-m", "tfjax", "translate", "--workdir=x", "--bogus"],
