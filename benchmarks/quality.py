@@ -20,14 +20,13 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags
-from etils import epath
+from candidates import candidates, saved_step
 
-from tfjax import checkpoint, cli, recipe
+from tfjax import cli, recipe
 from tfjax.translator import Translator
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir", required=True)
@@ -42,34 +41,6 @@ _OUTPUT = flags.DEFINE_string("output", "", "also write every figure here as JSO
 _TEST_SPLIT = flags.DEFINE_string("test_split", "", "the split scored once; default: the config's")
 
 RESULTS = Path(__file__).with_name("QUALITY.md")
-
-
-def candidates(workdir: str, averages: list[int]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """name -> (workdir, Translator.from_workdir keyword arguments)."""
-    out: dict[str, tuple[str, dict[str, Any]]] = {"last": (workdir, {})}
-    if (epath.Path(workdir) / "best").exists():
-        if saved_step(workdir, best=True) != saved_step(workdir, best=False):
-            out["best"] = (workdir, {"best": True})
-        else:
-            print("best: the last checkpoint")
-    for k in averages:
-        # Beside the workdir: an average may not be written inside its source.
-        target = f"{str(workdir).rstrip('/')}-average-{k}"
-        if not (epath.Path(target) / "checkpoints").exists():
-            try:
-                steps = checkpoint.average_checkpoints(workdir, target, k)
-            except checkpoint.CheckpointError as e:
-                print(f"average-{k}: skipped ({e})")
-                continue
-            print(f"average-{k}: steps {steps}")
-        out[f"average-{k}"] = (target, {})
-    return out
-
-
-def saved_step(workdir: str, *, best: bool) -> int:
-    """The step of a candidate: its (best or latest) checkpoint directory's number."""
-    directory = epath.Path(workdir) / ("best" if best else "checkpoints")
-    return max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def main(argv: list[str]) -> None:
@@ -103,7 +74,7 @@ def main(argv: list[str]) -> None:
     _, name, path, kwargs, beam, alpha, translator = best
     test = translator.evaluate(test_source.examples(), beam_size=beam, alpha=alpha)
     params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(translator.params))
-    step = saved_step(path, best=bool(kwargs))
+    step = saved_step(path, best=kwargs.get("best", False))
     direction = f"{train.source_lang}→{train.target_lang}"
     corpus = Path(train.data_dir).name or train.dataset
     row = (

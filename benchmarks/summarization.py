@@ -1,11 +1,14 @@
 """Summarization quality of a workdir: decoding chosen on validation, test scored once; LEAD-3.
 
   python benchmarks/summarization.py --workdir=/tmp/samsum [--data_dir=/path/to/samsum] \
-      [--settings="1,0.6,0,0;4,0.6,0,3;4,1.0,5,3"] [--show=3] [--test_split=test]
+      [--settings="1,0.6,0,0;4,0.6,0,3;4,1.0,5,3"] [--average=3] [--show=3] [--test_split=test]
 
-Each setting is "beam,alpha,min_length,no_repeat_ngram_size". Every setting decodes the
-config's validation split; the one with the best mean of ROUGE-1, -2 and -L then decodes the
-test split (the config's, or --test_split for a run trained with test_split=""), once.
+Each setting is "beam,alpha,min_length,no_repeat_ngram_size". Candidates: the checkpoint
+(--step, default the latest), the best-ROUGE one when it is another step, and with --average=K
+the mean of the last K checkpoints (as benchmarks/quality.py: <workdir>-average-K). Every
+candidate and setting decodes the config's validation split; the pair with the best mean of
+ROUGE-1, -2 and -L then decodes the test split (the config's, or --test_split for a run
+trained with test_split=""), once.
 LEAD-3 (the first three turns of each dialogue, turns being its lines) is scored on test by
 the same ROUGE code (Google's rouge-score, Porter stemmer, F1 x 100).
 --show prints that many test summaries with their per-step probabilities. The table is
@@ -20,6 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags
+from candidates import candidates, saved_step
 from provenance import machine
 
 from tfjax import cli, recipe
@@ -32,6 +36,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "where the data is now, if it 
 _SETTINGS = flags.DEFINE_string(
     "settings", "1,0.6,0,0;4,0.6,0,3;4,1.0,5,3", "beam,alpha,min_length,no_repeat;..."
 )
+_AVERAGE = flags.DEFINE_list("average", [], "K: also weigh the average of the last K checkpoints")
 _TEST_SPLIT = flags.DEFINE_string("test_split", "", "the split scored once; default: the config's")
 _BATCH = flags.DEFINE_integer("batch", 64, "dialogues per decoder call")
 _SHOW = flags.DEFINE_integer("show", 3, "test summaries shown with step probabilities")
@@ -58,6 +63,10 @@ def _decode(translator: Translator, examples, setting: tuple) -> tuple[dict, lis
     return scores, outputs
 
 
+def _name(setting: tuple) -> str:
+    return "beam {}, alpha {}, min_length {}, no_repeat_ngram {}".format(*setting)
+
+
 def _row(name: str, s: dict) -> str:
     return (
         f"| {name} | {s['rouge1']:.2f} | {s['rouge2']:.2f} | {s['rougeL']:.2f} | "
@@ -73,33 +82,34 @@ def main(argv: list[str]) -> None:
     if not test_split:  # checked before the decoding, not after
         raise app.UsageError("the workdir's config has no test split: pass --test_split=NAME")
     test = data.source(test_split).examples()
-    translator = Translator.from_workdir(
-        _WORKDIR.value,
-        _STEP.value,
-        max_batch=_BATCH.value,
-        max_decode_len=config.max_target_len,
-    )
     settings = [
         (int(b), float(a), int(m), int(n))
         for b, a, m, n in (s.split(",") for s in _SETTINGS.value.split(";"))
     ]
     validation = data.source(config.eval_split).examples()
     table = ["| workload | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |", "|---|---|---|---|---|"]
-    results = {}
-    for setting in settings:
-        results[setting], _ = _decode(translator, validation, setting)
-        name = "beam {}, alpha {}, min_length {}, no_repeat_ngram {}".format(*setting)
-        table.append(_row(f"{config.eval_split}: {name}", results[setting]))
-        print(table[-1], flush=True)
-    best = max(results, key=lambda s: results[s]["mean"])
-    scores, outputs = _decode(translator, test, best)
-    name = "beam {}, alpha {}, min_length {}, no_repeat_ngram {}".format(*best)
-    table.append(_row(f"**{test_split}: {name}** (chosen on validation)", scores))
+    best = None  # (validation scores, candidate, setting, translator)
+    averages = [int(k) for k in _AVERAGE.value]
+    for model, (path, kwargs) in candidates(_WORKDIR.value, averages, _STEP.value).items():
+        translator = Translator.from_workdir(
+            path, max_batch=_BATCH.value, max_decode_len=config.max_target_len, **kwargs
+        )
+        for setting in settings:
+            scores, _ = _decode(translator, validation, setting)
+            table.append(_row(f"{config.eval_split}: {model}, {_name(setting)}", scores))
+            print(table[-1], flush=True)
+            if best is None or scores["mean"] > best[0]["mean"]:
+                best = (scores, model, setting, translator)
+    _, model, setting, translator = best
+    scores, outputs = _decode(translator, test, setting)
+    table.append(
+        _row(f"**{test_split}: {model}, {_name(setting)}** (chosen on validation)", scores)
+    )
     lead = rouge([lead3(e["source"]) for e in test], [e["target"] for e in test])
     table.append(_row(f"{test_split}: LEAD-3", lead))
-    step = f"step {_STEP.value}" if _STEP.value else "latest checkpoint"
+    step = _STEP.value or saved_step(_WORKDIR.value, best=False)
     lines = [
-        f"### summarization: {Path(_WORKDIR.value).name}, {step} ({datetime.date.today()})",
+        f"### summarization: {Path(_WORKDIR.value).name}, step {step} ({datetime.date.today()})",
         f"machine: {machine()}, {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s); versions: jax {jax.__version__}",
         "",
