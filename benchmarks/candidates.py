@@ -42,6 +42,5 @@ def candidates(
 
 
 def saved_step(workdir: str, *, best: bool) -> int:
-    """The step of a candidate: its (best or latest) checkpoint directory's number."""
-    directory = epath.Path(workdir) / ("best" if best else "checkpoints")
-    return max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    """The step of a candidate: its best or its latest checkpoint's."""
+    return checkpoint.best_step(workdir) if best else checkpoint.latest_step(workdir)

@@ -84,6 +84,14 @@ def train_losses(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
+def corrupt_latest(workdir: Path) -> list[int]:
+    """Truncate the array files of workdir's newest checkpoint; its checkpoint steps, sorted."""
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for data in (workdir / "checkpoints" / str(steps[-1]) / "state" / "d").iterdir():
+        data.write_bytes(data.read_bytes()[:100])
+    return steps
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(corpus, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("uninterrupted")

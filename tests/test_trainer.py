@@ -10,7 +10,14 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, STEPS, train_command, train_losses, two_processes_and_one
+from conftest import (
+    ROOT,
+    STEPS,
+    corrupt_latest,
+    train_command,
+    train_losses,
+    two_processes_and_one,
+)
 
 from tfjax import checkpoint
 from tfjax.model import Transformer
@@ -223,9 +230,7 @@ def test_a_corrupt_latest_checkpoint_is_named_with_the_way_back(corpus, uninterr
     to fall back to, and no traceback, and leaves the checkpoints as they were."""
     workdir = tmp_path / "w"
     shutil.copytree(uninterrupted, workdir)
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    for data in (workdir / "checkpoints" / str(steps[-1]) / "state" / "d").iterdir():
-        data.write_bytes(data.read_bytes()[:100])
+    steps = corrupt_latest(workdir)
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     out = subprocess.run(
         train_command(workdir, corpus, steps=STEPS + 10), capture_output=True, text=True

@@ -10,7 +10,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from conftest import STEPS, ending_in_eos
+from conftest import STEPS, corrupt_latest, ending_in_eos
 
 from tfjax import checkpoint, cli, generate
 from tfjax.translator import Translator
@@ -151,9 +151,7 @@ def test_a_corrupt_checkpoint_is_one_line_without_tracebacks(uninterrupted, tmp_
     """translate stops on a corrupt checkpoint with one line naming it, and no traceback."""
     workdir = tmp_path / "w"
     shutil.copytree(uninterrupted, workdir)
-    latest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    for data in (workdir / "checkpoints" / str(latest) / "state" / "d").iterdir():
-        data.write_bytes(data.read_bytes()[:100])
+    latest = corrupt_latest(workdir)[-1]
     out = _cli("translate", "--workdir", str(workdir), "ein mann")
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
     error = f"error: checkpoint {workdir}/checkpoints/{latest} is unreadable: "
@@ -162,6 +160,8 @@ def test_a_corrupt_checkpoint_is_one_line_without_tracebacks(uninterrupted, tmp_
 
 def test_named_and_latest_checkpoints(uninterrupted):
     assert checkpoint.read_meta(uninterrupted)["train"]["num_train_steps"] == STEPS
+    # A run that finished saved its last step.
+    assert checkpoint.latest_step(uninterrupted) == STEPS
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint step 3"):
         Translator.from_workdir(uninterrupted, step=3)
 

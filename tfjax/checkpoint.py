@@ -200,6 +200,11 @@ def best_step(workdir: str | Path) -> int:
     return _step_dir(epath.Path(workdir) / "best", None)[1]
 
 
+def latest_step(workdir: str | Path) -> int:
+    """The step of the newest checkpoint in `checkpoints/`."""
+    return _step_dir(epath.Path(workdir) / "checkpoints", None)[1]
+
+
 def read_meta(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
     """The JSON meta (model and training config) saved with a checkpoint of `workdir`."""
     directory = epath.Path(workdir) / "checkpoints"
