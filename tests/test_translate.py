@@ -222,7 +222,8 @@ def test_cli_cpu_devices_split_rows_and_refuse_zero(uninterrupted):
     sentences = ["ein mann", "zwei kinder lesen", "eine frau fährt fahrrad"]
     out = _cli("translate", "--workdir", str(uninterrupted), "--cpu_devices", "2", *sentences)
     assert out.returncode == 0, out.stderr[-3000:]
-    expected = Translator.from_workdir(uninterrupted).translate(sentences)
+    translator = Translator.from_workdir(uninterrupted)  # one device: the reference
+    expected = translator.translate(sentences)
     assert out.stdout.splitlines() == [x.text for x in expected]
     # The translation pipeline splits its rows the same way, beam search included.
     pipe = _cli(
@@ -230,7 +231,7 @@ def test_cli_cpu_devices_split_rows_and_refuse_zero(uninterrupted):
         "--beam", "3", *sentences,
     )  # fmt: skip
     assert pipe.returncode == 0, pipe.stderr[-3000:]
-    expected = Translator.from_workdir(uninterrupted).translate(sentences, beam_size=3)
+    expected = translator.translate(sentences, beam_size=3)
     got = [json.loads(line)["translation_text"] for line in pipe.stdout.splitlines()]
     assert got == [x.text for x in expected]
     bad = _cli("translate", "--workdir", str(uninterrupted), "--cpu_devices", "0", "ein mann")
