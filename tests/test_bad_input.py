@@ -253,6 +253,18 @@ def test_train_refuses_a_bad_config(corpus, tmp_path, extra, fragments):
     assert not workdir.exists()
 
 
+def test_train_names_a_tokenizer_file_that_is_not_a_model(corpus, tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "spm.model").write_bytes(b"\x00garbage")
+    out = subprocess.run(train_command(workdir, corpus), capture_output=True, text=True)
+    # The data is prepared (and logged) before the tokenizer is read: the error is the last line.
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {workdir / 'spm.model'}: not a sentencepiece model"), last
+    assert not (workdir / "checkpoints").exists()
+
+
 def test_translate_names_the_line_with_invalid_utf8(uninterrupted, tmp_path):
     source = tmp_path / "in.de"
     source.write_bytes(b"ok\n\xff\xfe bad\n")

@@ -52,7 +52,10 @@ class Tokenizer:
 
     def __init__(self, model_proto: bytes):
         self._proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:  # sentencepiece's parse failure: bad input, not a bug
+            raise ValueError(f"not a sentencepiece model ({len(model_proto)} bytes)") from e
         found = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
         if found != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
             raise ValueError(
@@ -63,7 +66,11 @@ class Tokenizer:
     @classmethod
     def load(cls, path: epath.PathLike) -> Tokenizer:
         """Reads a `.model` file (local path or gs://)."""
-        return cls(epath.Path(path).read_bytes())
+        path = epath.Path(path)
+        try:
+            return cls(path.read_bytes())
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
     def save(self, path: epath.PathLike) -> None:
         """Writes the `.model` file (local path or gs://), creating its folder."""
@@ -240,11 +247,18 @@ def load_or_train_tokenizer(
     `train_tokenizer`.
 
     Raises:
-      ValueError: the model at `path` has more ids than vocab_size, or another normalisation.
+      ValueError: the file at `path` is not a sentencepiece model, or has more ids than
+        vocab_size, or another normalisation.
     """
     path = epath.Path(path)
     if path.exists():
-        tokenizer = Tokenizer.load(path)
+        try:
+            tokenizer = Tokenizer.load(path)
+        except ValueError as e:
+            raise ValueError(
+                f"{e}: a workdir's checkpoints need the tokenizer they were trained with; put "
+                "that file back, or use a new workdir"
+            ) from e
         if tokenizer.vocab_size > vocab_size:
             raise ValueError(
                 f"{path} has {tokenizer.vocab_size} ids, more than vocab_size={vocab_size}"
