@@ -60,7 +60,8 @@ def test_uninterrupted_run_writes_everything(uninterrupted):
 
 
 def test_resume_after_sigkill_is_bit_identical(corpus, uninterrupted, tmp_path):
-    """Kill a run once it starts saving step 20 (step 10 is committed by then); resume matches."""
+    """Kill a run once it starts saving step 20 (step 10 is committed by then); resume matches,
+    though spm.model was damaged in between: the checkpoints' own tokenizer replaces it."""
     workdir = tmp_path / "killed"
     process, _ = _run_until(
         train_command(workdir, corpus, steps=1000), "Checkpoint 20: saving", signal.SIGKILL
@@ -70,8 +71,11 @@ def test_resume_after_sigkill_is_bit_identical(corpus, uninterrupted, tmp_path):
     # Step 20's save may or may not have been committed when the kill landed.
     assert resumed_from is not None and 10 <= resumed_from < STEPS
     (workdir / "metrics.jsonl").unlink()  # keep only what the restarted run logs
+    (workdir / "spm.model").write_bytes(b"damaged")
     out = subprocess.run(train_command(workdir, corpus), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "spm.model differs from the checkpoints' tokenizer" in out.stderr
+    assert (workdir / "spm.model").read_bytes() == checkpoint.restore_for_inference(workdir)[2]
     restarted, reference = train_losses(workdir), train_losses(uninterrupted)
     assert sorted(restarted) == list(range(resumed_from + 1, STEPS + 1))
     for step, loss in restarted.items():

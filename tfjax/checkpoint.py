@@ -207,11 +207,22 @@ def latest_step(workdir: str | Path) -> int:
 
 def read_meta(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
     """The JSON meta (model and training config) saved with a checkpoint of `workdir`."""
+    return _read_item(workdir, step, meta=ocp.args.JsonRestore()).meta
+
+
+def read_tokenizer(workdir: str | Path, step: int | None = None) -> bytes:
+    """The sentencepiece model saved with a checkpoint of `workdir` (the latest: None)."""
+    assets = _read_item(workdir, step, assets=ocp.args.StandardRestore()).assets
+    return np.asarray(assets["tokenizer"]).tobytes()
+
+
+def _read_item(workdir: str | Path, step: int | None, **item: Any) -> Any:
+    """One small item (meta, assets) of a checkpoint of `workdir`, without its state."""
     directory = epath.Path(workdir) / "checkpoints"
     manager, step = _step_dir(directory, step)
     _quiet_orphaned_reads()
     try:
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return manager.restore(step, args=ocp.args.Composite(**item))
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         raise _unreadable(directory, step, e) from e
 

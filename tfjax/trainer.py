@@ -52,6 +52,23 @@ def _adopt_tokenizer(workdir: epath.Path, tokenizer_bytes: bytes) -> None:
         (workdir / "spm.model").write_bytes(tokenizer_bytes)
 
 
+def _keep_saved_tokenizer(workdir: epath.Path) -> None:
+    """On a resume, make spm.model the tokenizer the checkpoints were trained with where it
+    is missing or differs (a workdir copied without it, a damaged file): a tokenizer trained
+    anew would give the saved model other pieces. Process 0 writes; the others wait for it."""
+    if not checkpoint.has_checkpoint(workdir):
+        return
+    path = workdir / "spm.model"
+    if jax.process_index() == 0:
+        saved = checkpoint.read_tokenizer(workdir)
+        if not (path.exists() and path.read_bytes() == saved):
+            problem = "differs from" if path.exists() else "is missing beside"
+            logging.warning("%s %s the checkpoints' tokenizer: written from them", path, problem)
+            path.write_bytes(saved)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tfjax: spm.model")
+
+
 def _restore_teacher(
     config: ml_collections.ConfigDict, workdir: epath.Path
 ) -> tuple[Distillation, Any] | None:
@@ -136,6 +153,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     data = recipe.prepare_data(config, root)
     _check_splits(config, data)
     task = recipe.task(config)
+    _keep_saved_tokenizer(root)
     tokenizer = load_or_train_tokenizer(
         root / "spm.model",
         data.source("train"),

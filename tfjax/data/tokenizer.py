@@ -255,10 +255,9 @@ def load_or_train_tokenizer(
         try:
             tokenizer = Tokenizer.load(path)
         except ValueError as e:
-            raise ValueError(
-                f"{e}: a workdir's checkpoints need the tokenizer they were trained with; put "
-                "that file back, or use a new workdir"
-            ) from e
+            # A resumed workdir's checkpoints rewrite a damaged spm.model before this
+            # (tfjax.trainer): here the file is all there is.
+            raise ValueError(f"{e}; remove it to train a new one") from e
         if tokenizer.vocab_size > vocab_size:
             raise ValueError(
                 f"{path} has {tokenizer.vocab_size} ids, more than vocab_size={vocab_size}"
