@@ -358,7 +358,8 @@ class Replicas:
     On a CPU split into host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N),
     each block runs on its own thread: XLA:CPU's own threads gain little on the small
     products of a decode step, so for beam search two blocks of 16 sentences beat one batch
-    of 32 (greedy's smaller blocks did not gain; README, decoding against CTranslate2).
+    of 32; greedy's blocks of 16 rows gained on an AVX-512 VM and lost on an AVX2-only one
+    (README, decoding against CTranslate2).
     """
 
     copies: tuple[Params, ...]  # one per device; a block's host rows follow its copy there
