@@ -551,3 +551,22 @@ def test_top_k_blocked_equals_lax_top_k(kind, shape, k):
     order = np.lexsort((np.arange(shape[1])[None].repeat(shape[0], 0), -x), axis=1)[:, :k]
     np.testing.assert_array_equal(indices, order)
     np.testing.assert_array_equal(values, np.take_along_axis(x, order, 1))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "minus_inf", "nan"])
+def test_argmax_equals_numpy_argmax(kind):
+    """The first index of the largest value; a row with NaN picks its first NaN, as
+    np.argmax and jnp.argmax do; over leading axes too."""
+    rng = np.random.default_rng(len(kind))
+    x = rng.normal(size=(3, 5, 300)).astype(np.float32)
+    if kind == "ties":  # few distinct values: the largest repeats in every row
+        x = rng.integers(0, 4, size=x.shape).astype(np.float32)
+    if kind == "minus_inf":
+        x[0, :, :] = -np.inf  # every entry -inf: index 0
+        x[1, :, 7:] = -np.inf
+    if kind == "nan":
+        x[0, :, [40, 9]] = np.nan  # the first NaN wins, not the first written
+        x[1, 2, -1] = np.nan
+    got = jax.jit(decode.argmax)(jnp.asarray(x))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
