@@ -15,6 +15,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from tfjax import decode
+
 Schedule = Literal["linear", "exponential", "inverse_sigmoid"]
 
 
@@ -93,4 +95,4 @@ def first_pass_predictions(logits: jax.Array, sample: bool, rng: jax.Array) -> j
     logits = jax.lax.stop_gradient(logits)
     if sample:
         return jax.random.categorical(rng, logits.astype(jnp.float32)).astype(jnp.int32)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return decode.argmax(logits)  # jnp.argmax's choice, several times faster on XLA:CPU
