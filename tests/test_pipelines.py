@@ -178,6 +178,17 @@ def test_cli_pipeline_names_a_bad_line_before_any_work(
     assert out == "" and err.startswith("error: ") and error in err
 
 
+@pytest.mark.parametrize("command", ["translate", "pipeline"])
+def test_cli_refuses_texts_and_a_file_together(command, tmp_path, capsys):
+    """Neither is dropped silently: the command stops before reading the workdir."""
+    (tmp_path / "in.txt").write_text("the <mask> film\n")
+    task = ["fill-mask"] if command == "pipeline" else []
+    args = [command, *task, "--workdir", str(tmp_path / "missing"), "--file"]
+    assert cli.main([*args, str(tmp_path / "in.txt"), "a <mask> text"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: give texts or --file {tmp_path / 'in.txt'}, not both\n"
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

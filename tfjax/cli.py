@@ -293,6 +293,8 @@ def _cpu_devices(n: int) -> list | None:
 
 def _lines(args: argparse.Namespace) -> tuple[list[str], bool]:
     """(sentences, whether to show progress)."""
+    if args.sentences and args.file:  # one of the two would be dropped without a word
+        raise CommandError(f"give texts or --file {args.file}, not both", status=2)
     if args.sentences:
         return list(args.sentences), False
     if args.file:
