@@ -284,14 +284,17 @@ def test_a_bad_config_with_a_teacher_writes_nothing(uninterrupted, tmp_path):
     "text, fragment",
     [
         (None, "no such recipe file"),
+        ("folder", "recipe.py: a folder, not a recipe file"),
         ("def get_config(:\n", "recipe.py:1: SyntaxError"),
         ("def get_config():\n    return 1 / 0\n", "recipe.py:2: ZeroDivisionError"),
     ],
-    ids=["missing", "syntax", "raises"],
+    ids=["missing", "folder", "syntax", "raises"],
 )
 def test_a_recipe_that_cannot_load_is_one_line(tmp_path, text, fragment):
     path = tmp_path / "recipe.py"
-    if text is not None:
+    if text == "folder":
+        path.mkdir()
+    elif text is not None:
         path.write_text(text)
     with pytest.raises(CommandError) as refused:
         load_config(str(path))

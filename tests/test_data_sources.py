@@ -36,6 +36,11 @@ def test_missing_folder(tmp_path):
         data.prepare(
             str(tmp_path / "nowhere"), source_lang="de", target_lang="en", data_dir=str(tmp_path)
         )
+    (tmp_path / "train.de").write_text("ein Satz\n")  # a corpus file given for its folder
+    with pytest.raises(FileNotFoundError, match=r"train\.de is a file, not a folder$"):
+        data.prepare(
+            str(tmp_path / "train.de"), source_lang="de", target_lang="en", data_dir=str(tmp_path)
+        )
 
 
 @pytest.fixture(scope="module")

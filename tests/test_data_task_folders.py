@@ -142,6 +142,8 @@ def test_missing_train_and_missing_folder(sst, tmp_path):
         prepare_task(sst, "tsv", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         prepare_task(tmp_path / "nowhere", "text", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"dev\.tsv is a file, not a folder$"):
+        prepare_task(sst / "dev.tsv", "tsv", str(tmp_path))
     with pytest.raises(ValueError, match="task kind must be one of"):
         prepare_task(sst, "csv", str(tmp_path))
 

@@ -198,7 +198,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> object:
     from ml_collections import config_flags
 
     if not os.path.isfile(path):
-        raise CommandError(f"{path}: no such recipe file", status=2)
+        what = "a folder, not a recipe file" if os.path.isdir(path) else "no such recipe file"
+        raise CommandError(f"{path}: {what}", status=2)
     argv = ["tfjax", f"--config={path}", *overrides]
     values = flags.FlagValues()
     # sys_argv: the overrides are read from these arguments, not from this process's sys.argv.

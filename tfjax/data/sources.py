@@ -122,7 +122,8 @@ def prepare(
     elif path.is_dir():
         builder_dir = build_folder(path, (source_lang, target_lang), data_dir)
     elif dataset.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"dataset folder {dataset} does not exist")
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"dataset folder {dataset} {what}")
     else:
         builder_dir = _registered_dir(dataset, data_dir, download)
     data = TranslationData(builder_dir, source_lang, target_lang)

@@ -289,7 +289,8 @@ def prepare_task(folder: epath.PathLike, kind: str, data_dir: str | None = None)
         raise ValueError(f"task kind must be one of {sorted(KINDS)}, not {kind!r}")
     path = epath.Path(folder).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"task folder {folder} does not exist")
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"task folder {folder} {what}")
     if (path / "dataset_info.json").exists():
         return TaskData(str(path))
     build = build_labelled_folder if kind == "tsv" else build_text_folder
