@@ -1,6 +1,7 @@
 """Local folders of line-aligned text files: split discovery, the checks, the TFDS build."""
 
 import gzip
+import tempfile
 
 import pytest
 
@@ -128,3 +129,12 @@ def test_bad_file_fails_the_build_and_names_it(corpus, tmp_path):
     (corpus / "train.de").write_bytes(b"Ein Haus.\n\xc3\x28\nDrei.\n")
     with pytest.raises(data.CorpusError, match=r"train\.de:2: invalid UTF-8"):
         data.prepare(str(corpus), source_lang="de", target_lang="en", data_dir=str(tmp_path))
+
+
+def test_build_leaves_nothing_in_the_temp_directory(corpus, tmp_path, monkeypatch):
+    # TFDS's own DatasetInfo makes an empty folder there for each unprepared build.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    data.prepare(str(corpus), source_lang="en", target_lang="de", data_dir=str(tmp_path / "tfds"))
+    assert list(scratch.iterdir()) == []

@@ -107,6 +107,18 @@ def fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The DatasetInfo of a dataset built here, which has no published metadata to fetch.
+
+    TFDS reads an unprepared builder's metadata from its GCS bucket into a fresh
+    `tempfile.mkdtemp` folder, which it never removes, even when GCS is disabled: one empty
+    folder left in the temp directory for every build.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        """Nothing to fetch: the metadata comes from the build itself."""
+
+
 @dataclasses.dataclass
 class FolderConfig(tfds.core.BuilderConfig):
     """Which folder and language pair a ParallelTextFolder builds (TFDS needs defaults)."""
@@ -128,7 +140,7 @@ class ParallelTextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     code_path = None
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=f"Line-aligned text files from {self.builder_config.folder}.",
             features=tfds.features.Translation(languages=self.builder_config.languages),

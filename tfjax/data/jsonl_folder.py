@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import tensorflow_datasets as tfds
 from etils import epath
 
-from tfjax.data.folder import CorpusError, _read_lines, fingerprint
+from tfjax.data.folder import CorpusError, LocalDatasetInfo, _read_lines, fingerprint
 from tfjax.data.task_folders import find_task_splits
 
 # Field names go into the build directory's name joined by "-", so they must not hold one:
@@ -119,7 +119,7 @@ class JsonlFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {field: tfds.features.Text() for field in self.builder_config.fields}
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=f"JSON Lines files from {self.builder_config.folder}.",
             features=tfds.features.FeaturesDict(features),

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
+from tfjax.data.folder import LocalDatasetInfo
+
 LANGUAGES = ("de", "zh")  # target languages the task can be built for (the source is "en")
 
 _EN_UNITS = (
@@ -168,7 +170,7 @@ class SyntheticNumbers(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = None
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="English number words (0-999, lists of 1-3) and their translation.",
             features=tfds.features.Translation(languages=("en", self.builder_config.language)),

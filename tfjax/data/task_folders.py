@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import tensorflow_datasets as tfds
 from etils import epath
 
-from tfjax.data.folder import CorpusError, _read_lines, fingerprint
+from tfjax.data.folder import CorpusError, LocalDatasetInfo, _read_lines, fingerprint
 
 KINDS = {"tsv": "tsv", "text": "txt"}  # prepare_task kind -> file suffix
 _HEADER_HINT = "expected label<TAB>sentence"
@@ -129,7 +129,7 @@ class LabelledTextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             "sentence": tfds.features.Text(),
             "label": tfds.features.ClassLabel(names=list(self.builder_config.labels)),
         }
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=f"Labelled TSV files from {self.builder_config.folder}.",
             features=tfds.features.FeaturesDict(features),
@@ -158,7 +158,7 @@ class PlainTextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = None  # No checksums file to find; see ParallelTextFolder in folder.py.
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=f"Plain text files from {self.builder_config.folder}.",
             features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
