@@ -8,8 +8,10 @@ fp32) is a randomly initialised transformers `MarianMTModel` (fixed seed), conve
 with `tfjax.interop.from_marian` and to CTranslate2 with its own Transformers converter, so the
 three engines run one set of weights; tfjax also runs it in bfloat16 (parameters and compute,
 float32 accumulation), its outputs compared with fp32's. Workloads (random source ids, fixed
-seed, 24 source tokens ending in eos): batch 32 beam 4, batch 32 greedy and one sentence
-greedy, each exactly 32 generated tokens (eos is banned before the 32nd step in every engine).
+seed, 24 source tokens ending in eos): batch 32 beam 4, batch 32 greedy, one sentence greedy
+and one sentence beam 4, each exactly 32 generated tokens (eos is banned before the 32nd step
+in every engine). tfjax decodes as `Translator` does, with the output table also laid out
+[D, V] (`tfjax.model.with_logits_table`).
 Greedy outputs are compared token for token across engines, beam outputs by their best
 hypothesis. Each engine runs in its own process (on 2 cores one engine's spinning thread pool
 slows the next), torch and CTranslate2 with 1 and with --threads threads, tfjax with XLA's
@@ -26,7 +28,7 @@ an AVX2-only machine runs, on this machine's caches and memory, which an AVX2-on
 of another kind does not share. The header says so.
 
 Printed and appended to benchmarks/RESULTS.md, under a header naming the CPU's vector ISA:
-- generated tokens/s (batch x 32 / seconds) and one-sentence greedy ms per token: each round's
+- generated tokens/s (batch x 32 / seconds) and one sentence's ms per token: each round's
   figure is the median of --repeats timed calls after a warm-up; printed are the median over
   rounds, the min-max over every timed call, and the ratios to each reference;
 - the compile time of tfjax's jitted beam and greedy decoders;
@@ -61,7 +63,7 @@ from provenance import code_version, machine
 
 from tfjax import decode, generate
 from tfjax.interop.marian import MarianImport, load_marian
-from tfjax.model import Transformer
+from tfjax.model import Transformer, with_logits_table
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "interleaved rounds of every run", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 7, "timed calls per workload, engine and round")
@@ -87,6 +89,7 @@ WORKLOADS = {  # name -> (batch, beam)
     "beam4_b32": (BATCH, BEAM),
     "greedy_b32": (BATCH, 1),
     "greedy_b1": (1, 1),
+    "beam4_b1": (1, BEAM),
 }
 
 
@@ -200,6 +203,8 @@ class TfjaxEngine:
             config = dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
             params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
         self.model = Transformer(config)
+        # As `Translator` decodes: the output table also laid out [D, V] for small batches.
+        params = with_logits_table(params)
         self.params = jax.device_put(params)
         self.replicas = generate.Replicas.of(params, jax.devices()) if split else None
         self.processor = ban_eos_before(STEPS)  # one object: one compiled program per shape
@@ -427,7 +432,7 @@ def main(argv: list[str]) -> None:
 
 
 def _speed(times: np.ndarray, workload: str) -> np.ndarray:
-    """tokens/s per timed call, or ms per token for the one-sentence workload."""
+    """tokens/s per timed call, or ms per token for the one-sentence workloads."""
     batch, _ = WORKLOADS[workload]
     return times / STEPS * 1e3 if batch == 1 else batch * STEPS / times
 

@@ -13,7 +13,7 @@ from tfjax import beam_search
 from tfjax.model import Transformer, TransformerConfig, preset
 from tfjax.model.attention import Attention
 from tfjax.model.layers import AXES, EMBED, HEADS, KV, LENGTH, MLP, VOCAB, product, sinusoids
-from tfjax.model.transformer import tied_logits
+from tfjax.model.transformer import LOGITS_TABLE, LOGITS_TABLE_ROWS, tied_logits, with_logits_table
 from tfjax.sharding import DEFAULT_RULES
 
 PAD = 0
@@ -409,3 +409,40 @@ def test_tied_logits_gradient_matches_autodiff_of_the_einsum():
         jax.grad(tied, (0, 1))(y, table), jax.grad(einsum, (0, 1))(y, table), strict=True
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_table_keeps_cache_equal_to_teacher_forcing():
+    # Decoding's [D, V] copy of the output table gives the tied table's logits where the
+    # decoder reads it (2 rows here), and a zeroed copy shows where it does: at 2 rows, not
+    # past LOGITS_TABLE_ROWS.
+    cfg = preset("tiny", vocab_size=48)
+    model = Transformer(cfg)
+    rng = np.random.default_rng(7)
+    src = _tokens(rng, (LOGITS_TABLE_ROWS + 8, 6), vocab=48).at[0, 4:].set(PAD)
+    tgt = _tokens(rng, (LOGITS_TABLE_ROWS + 8, 5), vocab=48).at[:, 0].set(BOS)
+    params = nn.unbox(model.init(jax.random.key(3), src, tgt)["params"])
+    tabled = with_logits_table(params)
+    full = jax.jit(model.apply)({"params": params}, src, tgt)
+    stepwise, _ = _decode_stepwise(model, tabled, src[:2], tgt[:2])
+    assert float(jnp.abs(stepwise - full[:2]).max()) <= 1e-5
+    table = tabled["decoder"][LOGITS_TABLE]
+    zeroed = {**tabled, "decoder": {**tabled["decoder"], LOGITS_TABLE: jnp.zeros_like(table)}}
+    few, _ = _decode_stepwise(model, zeroed, src[:2], tgt[:2])
+    many, _ = _decode_stepwise(model, zeroed, src, tgt)
+    assert float(jnp.abs(few).max()) == 0.0
+    assert float(jnp.abs(many - full).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("overrides", [{}, {"share_embeddings": False}, {"tie_output": False}])
+def test_logits_table_is_the_output_table_transposed(overrides):
+    cfg = preset("tiny", **overrides)
+    src = jnp.ones((1, 8), jnp.int32)
+    params = nn.unbox(Transformer(cfg).init(jax.random.key(0), src, src)["params"])
+    tabled = with_logits_table(params)
+    if not cfg.tie_output:
+        assert tabled is params
+        return
+    embedding = params["shared_embedding" if cfg.share_embeddings else "target_embedding"]
+    table = tabled["decoder"].pop(LOGITS_TABLE)
+    np.testing.assert_array_equal(np.asarray(table), np.asarray(embedding["embedding"]).T)
+    assert tabled == params

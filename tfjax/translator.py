@@ -24,7 +24,7 @@ from tfjax.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from tfjax.decode import DecodeOutput
 from tfjax.evaluate import EvalOptions, evaluate_split
 from tfjax.generate import decode_best
-from tfjax.model import Transformer, TransformerConfig
+from tfjax.model import Transformer, TransformerConfig, with_logits_table
 
 LENGTH_BUCKET = 16  # lengths are padded up to a multiple of this
 # Continuous decoding's steps per host call at one row (fewer at more rows): a host round
@@ -120,7 +120,11 @@ class Translator:
             raise ValueError(f"max_batch={max_batch}: a decoder call takes at least 1 sentence")
         self.max_batch = max_batch
         many = devices is not None and len(devices) > 1
-        self._decode_params = generate.Replicas.of(params, devices) if many else params
+        # What the decoders read: the output table also laid out [D, V] for small batches.
+        self._step_params = with_logits_table(params)
+        self._decode_params = (
+            generate.Replicas.of(self._step_params, devices) if many else self._step_params
+        )
 
     @classmethod
     def from_workdir(
@@ -254,13 +258,15 @@ class Translator:
         def start(sentences: list[np.ndarray]) -> Any:
             inputs = padded(sentences, bucket(len(sentences), max_rows), self.max_source_len)
             return generate.rolling_rows(
-                self.model, self.params, inputs,
+                self.model, self._step_params, inputs,
                 max_decode_len=self.max_decode_len, source_len=self.max_source_len,
             )  # fmt: skip
 
         def step(cache: Any, last: np.ndarray, steps: np.ndarray, num_top: int, n: int) -> Any:
             spec = generate.translation_spec(min(num_top, vocab))
-            return generate.rolling_steps(self.model, self.params, cache, last, steps, spec, n)
+            return generate.rolling_steps(
+                self.model, self._step_params, cache, last, steps, spec, n
+            )
 
         return ContinuousDecoder(
             start, step, max_rows=max_rows, max_decode_len=self.max_decode_len,

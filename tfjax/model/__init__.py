@@ -23,6 +23,14 @@ steps (`tfjax.continuous`); its index runs round the L slots as a ring.
 
 from tfjax.model.config import PRESETS, TransformerConfig, preset
 from tfjax.model.encoder_only import Classifier, MaskedLM
-from tfjax.model.transformer import Transformer
+from tfjax.model.transformer import Transformer, with_logits_table
 
-__all__ = ["PRESETS", "Classifier", "MaskedLM", "Transformer", "TransformerConfig", "preset"]
+__all__ = [
+    "PRESETS",
+    "Classifier",
+    "MaskedLM",
+    "Transformer",
+    "TransformerConfig",
+    "preset",
+    "with_logits_table",
+]
