@@ -265,10 +265,10 @@ def with_logits_table(params: Any) -> Any:
     and scoring leave it out. Untied models are returned as they are.
     """
     decoder = params["decoder"]
-    names = [n for n in ("shared_embedding", "target_embedding") if n in params]
-    if not names or "logits_kernel" in decoder:
+    if "logits_kernel" in decoder:  # untied: the logits have their own [D, V] kernel
         return params
-    table = jnp.transpose(params[names[0]]["embedding"])  # [V, D] -> [D, V], a copy
+    embedding = params.get("target_embedding") or params["shared_embedding"]
+    table = jnp.transpose(embedding["embedding"])  # [V, D] -> [D, V], a copy
     return {**params, "decoder": {**decoder, LOGITS_TABLE: table}}
 
 
