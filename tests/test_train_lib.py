@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, multi_device_run, two_processes_and_one
+from conftest import ROOT, local_processes, multi_device_run
 from multi_device_steps import STEPS
 
 from tfjax import sharding, train_lib
@@ -146,7 +146,17 @@ def test_mesh_shape_resolution_and_errors():
             sharding.mesh_shape(bad, 8)
 
 
-def test_meshes_of_eight_devices_match_one_device():
+@pytest.fixture(scope="module")
+def eight_devices() -> dict[str, dict]:
+    """tests/multi_device_steps.py's result per mesh ("1,1,1", "8,1,1", ...), on 8 CPU
+    devices in one process."""
+    process = multi_device_run()  # started when the suite was collected
+    stdout, stderr = process.communicate()
+    assert process.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_meshes_of_eight_devices_match_one_device(eight_devices):
     """5 steps on data (8,1,1), fsdp (1,8,1) and mixed (2,2,2) meshes equal one device.
 
     The bounds are ratios to the one-device run's own scale (see `errors` in the script), not
@@ -157,10 +167,7 @@ def test_meshes_of_eight_devices_match_one_device():
     over that rounding. A batch shard read by every device, or gradients not all-reduced,
     measured gradient errors of 1.5-3.5 and parameter errors near 2 (a different update).
     """
-    process = multi_device_run()  # started when the suite was collected
-    stdout, stderr = process.communicate()
-    assert process.returncode == 0, stderr[-3000:]
-    result = json.loads(stdout.strip().splitlines()[-1])
+    result = dict(eight_devices)
     reference = result.pop("1,1,1")
     for mesh, run in result.items():
         np.testing.assert_allclose(run["losses"], reference["losses"], rtol=1e-5, err_msg=mesh)
@@ -172,9 +179,10 @@ def test_meshes_of_eight_devices_match_one_device():
             assert run["sharded_leaves"] > 0, mesh
 
 
-def test_two_processes_match_one_process():
-    """jax.distributed on localhost, 4 CPU devices per process, gloo collectives."""
-    two, one = two_processes_and_one(ROOT / "tests" / "multi_process_steps.py")
-    assert two[0]["processes"] == two[1]["processes"] == 2 and one["processes"] == 1
+def test_two_processes_match_one_process(eight_devices):
+    """jax.distributed on localhost, 4 CPU devices per process, gloo collectives: the same
+    steps as the 8-device run's data-parallel mesh, which is one process of 8 devices."""
+    two = local_processes(ROOT / "tests" / "multi_process_steps.py", alone=False)
+    assert two[0]["processes"] == two[1]["processes"] == 2
     for process in two:
-        np.testing.assert_allclose(process["losses"], one["losses"], rtol=1e-6)
+        np.testing.assert_allclose(process["losses"], eight_devices["8,1,1"]["losses"], rtol=1e-6)

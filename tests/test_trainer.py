@@ -14,9 +14,9 @@ from conftest import (
     ROOT,
     STEPS,
     corrupt_latest,
+    local_processes,
     train_command,
     train_losses,
-    two_processes_and_one,
 )
 
 from tfjax import checkpoint
@@ -277,7 +277,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
 def test_two_process_evaluation_equals_one_process(uninterrupted):
     """Eval rows are split over the processes and placed on the mesh, as the trainer does;
     loss and BLEU come out global, the same on every process and as in one process."""
-    two, one = two_processes_and_one(ROOT / "tests" / "multi_process_eval.py", str(uninterrupted))
+    *two, one = local_processes(ROOT / "tests" / "multi_process_eval.py", str(uninterrupted))
     assert [r["process"] for r in two] == [0, 1] and one["process"] == 0
     for beam in ("beam1", "beam2"):
         for result in two:  # every process computes the same scores
