@@ -4,7 +4,9 @@ import json
 import re
 import shutil
 import signal
+import struct
 import subprocess
+import sys
 import time
 
 import jax
@@ -57,6 +59,40 @@ def test_uninterrupted_run_writes_everything(uninterrupted):
     src = np.full((1, 5), 5, np.int32)
     logits = model.apply({"params": params}, src, src)
     assert logits.shape == (1, 5, config.vocab_size) and np.isfinite(logits).all()
+
+
+WRITE_METRICS = """
+import sys
+from etils import epath
+from tfjax import trainer
+writer = trainer.MetricWriter(epath.Path(sys.argv[1]))
+writer.write(7, "train", {"loss": 1.5, "note": "not a number"})
+writer.close()
+print("torch" in sys.modules)
+"""
+
+
+def test_metrics_reach_tensorboard_without_importing_torch(tmp_path):
+    """torch is installed here (the interop extra); the writer must not pay for importing it.
+    The event file is read back record by record with tensorboardX's own Event protobuf."""
+    out = subprocess.run(
+        [sys.executable, "-c", WRITE_METRICS, str(tmp_path)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False"]
+    from tensorboardX.proto.event_pb2 import Event
+
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    data, records = events.read_bytes(), []
+    while data:  # [length u64][crc u32][record][crc u32]
+        (length,) = struct.unpack("<Q", data[:8])
+        records.append(Event.FromString(data[12 : 12 + length]))
+        data = data[16 + length :]
+    scalars = [(r.step, v.tag, v.simple_value) for r in records for v in r.summary.value]
+    assert scalars == [(7, "train/loss", 1.5)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == dict(
+        step=7, split="train", loss=1.5
+    )
 
 
 def test_resume_after_sigkill_is_bit_identical(corpus, uninterrupted, tmp_path):

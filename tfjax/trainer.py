@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import signal
+import sys
 import time
 from typing import Any
 
@@ -340,15 +341,28 @@ def _summaries(metrics: dict[str, Any], seconds: float, steps: int) -> dict[str,
     }
 
 
+def _summary_writer(logdir: str) -> Any:
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
+    is installed (3-4 s at every start on 2 cores) only to accept torch tensors, and this
+    writer is given floats."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
+
+
 class MetricWriter:
     """Process 0 writes TensorBoard event files and metrics.jsonl (one line per record)."""
 
     def __init__(self, workdir: epath.Path) -> None:
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            from tensorboardX import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+            self.tensorboard = _summary_writer(str(workdir / "tensorboard"))
             self.jsonl = (workdir / "metrics.jsonl").open("a")
 
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
