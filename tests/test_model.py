@@ -153,16 +153,19 @@ def test_beam_reordered_cache_reproduces_teacher_forcing_of_each_history(tiny, f
     src = _tokens(rng, (sentences, 7)).at[1, 5:].set(PAD)
     tokens = np.asarray(_tokens(rng, (sentences * beams, length)).at[:, 0].set(BOS))
     cache, step = _cache_and_step(model, params, src, sentences * beams, length)
-    history = tokens[:, :1]  # [rows, t + 1]: what each row's hypothesis has read so far
+    reorder = jax.jit(beam_search.reorder_cache)
+    sources = jnp.repeat(src, beams, axis=0)
+    # [rows, length]: what each row's hypothesis has read so far, in its first t + 1 columns;
+    # the rest is read only by later positions (causality), so one shape serves every step.
+    history = tokens.copy()
     for t in range(length):
-        logits, state = step(cache, jnp.asarray(history[:, -1:]))
-        full = forward(jnp.repeat(src, beams, axis=0), jnp.asarray(history))[:, -1]
+        logits, state = step(cache, jnp.asarray(history[:, t : t + 1]))
+        full = forward(sources, jnp.asarray(history))[:, t]
         np.testing.assert_allclose(logits, full, atol=1e-5)
         parents = rng.integers(0, beams, size=(sentences, beams))
-        cache = beam_search.reorder_cache(state["cache"], jnp.asarray(parents))
+        cache = reorder(state["cache"], jnp.asarray(parents))
         rows = (np.arange(sentences)[:, None] * beams + parents).reshape(-1)
-        if t + 1 < length:
-            history = np.concatenate([history[rows], tokens[:, t + 1 : t + 2]], axis=1)
+        history[:, : t + 1] = history[rows, : t + 1]
 
 
 # An HLO instruction "%name = f32[2,4,8,3,6]{4,3,2,1,0} opcode(": its name, shape and opcode.

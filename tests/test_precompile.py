@@ -119,8 +119,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         "--config.model.num_layers=1",
     ]
     command = [sys.executable, "-m", "tfjax", "precompile", "--config=configs/default.py", *tiny]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI sets it
-    return subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    # The CLI appends the device count to XLA_FLAGS (the suite's own flags stay).
+    return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_cli_on_eight_cpu_devices_exits_1_when_a_program_does_not_fit():
@@ -165,7 +165,8 @@ print(json.dumps(out))
 
 def test_fsdp_over_eight_devices_holds_an_eighth_of_the_state():
     """Data parallel keeps the whole state on each device; fsdp about an eighth of it."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     out = subprocess.run(
         [sys.executable, "-c", FSDP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True
     )
