@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny parallel corpus and one short training run on it."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -7,7 +8,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +38,7 @@ _CACHE_SETTINGS = {  # every compile is cached, however quick or small
 }
 if not _XDIST_WORKER:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfjax-tests-xla-cache-")
+    os.environ["TFJAX_TESTS_SHARED"] = tempfile.mkdtemp(prefix="tfjax-tests-shared-")
     os.environ.update({name.upper(): str(value) for name, value in _CACHE_SETTINGS.items()})
 STEPS = 80
 # A model small enough that a step costs milliseconds; every checkpoint-relevant path runs.
@@ -61,19 +65,21 @@ ENGLISH = "a man rides bike a woman reads a book two children play in park".spli
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
+def corpus() -> Path:
     """A tiny de-en folder corpus: train / val / test, word-for-word pairs."""
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 400), ("val", 16), ("test", 16)):
-        rows = [rng.choice(len(WORDS), size=rng.integers(2, 7)) for _ in range(n)]
-        (folder / f"{split}.de").write_text(
-            "".join(" ".join(WORDS[i] for i in r) + "\n" for r in rows)
-        )
-        (folder / f"{split}.en").write_text(
-            "".join(" ".join(ENGLISH[i] for i in r) + "\n" for r in rows)
-        )
-    return folder
+
+    def write(folder: Path) -> None:
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 400), ("val", 16), ("test", 16)):
+            rows = [rng.choice(len(WORDS), size=rng.integers(2, 7)) for _ in range(n)]
+            (folder / f"{split}.de").write_text(
+                "".join(" ".join(WORDS[i] for i in r) + "\n" for r in rows)
+            )
+            (folder / f"{split}.en").write_text(
+                "".join(" ".join(ENGLISH[i] for i in r) + "\n" for r in rows)
+            )
+
+    return made_once("corpus", write)
 
 
 def train_command(workdir: Path, corpus: Path, *extra: str, steps: int = STEPS) -> list[str]:
@@ -100,12 +106,13 @@ def corrupt_latest(workdir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(corpus, tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    out = subprocess.run(train_command(workdir, corpus), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "exact match" in out.stdout
-    return workdir
+def uninterrupted(corpus) -> Path:
+    def train(workdir: Path) -> None:
+        out = subprocess.run(train_command(workdir, corpus), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "exact match" in out.stdout
+
+    return made_once("uninterrupted", train)
 
 
 def _free_port() -> int:
@@ -166,6 +173,23 @@ def pytest_configure(config) -> None:
 def pytest_unconfigure(config) -> None:
     if not _XDIST_WORKER:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+        shutil.rmtree(os.environ["TFJAX_TESTS_SHARED"], ignore_errors=True)
+
+
+def made_once(name: str, make: Callable[[Path], Any]) -> Path:
+    """A folder of the session's shared folder, filled by `make(folder)` in the first process
+    that asks for it; pytest-xdist workers wait on its lock and reuse it, so the session's
+    training runs happen once, not once per worker. A `make` that raises leaves it unmade."""
+    root = Path(os.environ["TFJAX_TESTS_SHARED"])
+    folder, done = root / name, root / f"{name}.done"
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 def pytest_collection_finish(session) -> None:
@@ -184,26 +208,29 @@ FILLER = "the film was and a plot cast music too".split()
 
 
 @pytest.fixture(scope="session")
-def task_folders(tmp_path_factory) -> dict[str, Path]:
+def task_folders() -> dict[str, Path]:
     """A sentiment TSV folder (label 1 iff the sentence has a POSITIVE word) and a plain
     text folder of the same vocabulary, for the encoder-only tasks."""
-    root = tmp_path_factory.mktemp("tasks")
-    rng = np.random.default_rng(0)
 
-    def sentence(label: int) -> str:
-        words = list(rng.choice(FILLER, size=rng.integers(2, 7)))
-        words.insert(rng.integers(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
-        return " ".join(words)
+    def write(root: Path) -> None:
+        rng = np.random.default_rng(0)
 
-    (root / "sentiment").mkdir()
-    for split, n in (("train", 480), ("dev", 48), ("test", 48)):
-        labels = rng.integers(0, 2, size=n)
-        rows = "".join(f"{y}\t{sentence(y)}\n" for y in labels)
-        (root / "sentiment" / f"{split}.tsv").write_text("label\tsentence\n" + rows)
-    (root / "text").mkdir()
-    for split, n in (("train", 600), ("test", 48)):
-        lines = [sentence(int(y)) for y in rng.integers(0, 2, size=n)]
-        (root / "text" / f"{split}.txt").write_text("\n\n".join(lines) + "\n")
+        def sentence(label: int) -> str:
+            words = list(rng.choice(FILLER, size=rng.integers(2, 7)))
+            words.insert(rng.integers(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+            return " ".join(words)
+
+        (root / "sentiment").mkdir()
+        for split, n in (("train", 480), ("dev", 48), ("test", 48)):
+            labels = rng.integers(0, 2, size=n)
+            rows = "".join(f"{y}\t{sentence(y)}\n" for y in labels)
+            (root / "sentiment" / f"{split}.tsv").write_text("label\tsentence\n" + rows)
+        (root / "text").mkdir()
+        for split, n in (("train", 600), ("test", 48)):
+            lines = [sentence(int(y)) for y in rng.integers(0, 2, size=n)]
+            (root / "text" / f"{split}.txt").write_text("\n\n".join(lines) + "\n")
+
+    root = made_once("tasks", write)
     return {"sentiment": root / "sentiment", "text": root / "text"}
 
 
@@ -219,26 +246,29 @@ ENCODER_TASK = ["--config.dataset=folder", "--config.num_train_steps=60", "--con
 
 
 @pytest.fixture(scope="session")
-def mlm_workdir(task_folders, tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("mlm")
-    train_in_process(
-        workdir, *ENCODER_TASK, "--config.task=masked_lm", "--config.eval_split=test",
-        f"--config.data_dir={task_folders['text']}", "--config.learning_rate=3e-3",
-    )  # fmt: skip
-    return workdir
+def mlm_workdir(task_folders) -> Path:
+    def train(workdir: Path) -> None:
+        train_in_process(
+            workdir, *ENCODER_TASK, "--config.task=masked_lm", "--config.eval_split=test",
+            f"--config.data_dir={task_folders['text']}", "--config.learning_rate=3e-3",
+        )  # fmt: skip
+
+    return made_once("mlm", train)
 
 
 @pytest.fixture(scope="session")
-def classifier_workdir(task_folders, mlm_workdir, tmp_path_factory) -> Path:
+def classifier_workdir(task_folders, mlm_workdir) -> Path:
     """A classifier started from mlm_workdir's encoder, with display label names."""
-    workdir = tmp_path_factory.mktemp("classifier")
-    train_in_process(
-        workdir, *ENCODER_TASK, "--config.task=classification", "--config.pack=False",
-        "--config.eval_split=dev", f"--config.data_dir={task_folders['sentiment']}",
-        f"--config.init_from={mlm_workdir}", "--config.label_names=('NEGATIVE', 'POSITIVE')",
-        "--config.learning_rate=3e-3",
-    )  # fmt: skip
-    return workdir
+
+    def train(workdir: Path) -> None:
+        train_in_process(
+            workdir, *ENCODER_TASK, "--config.task=classification", "--config.pack=False",
+            "--config.eval_split=dev", f"--config.data_dir={task_folders['sentiment']}",
+            f"--config.init_from={mlm_workdir}", "--config.label_names=('NEGATIVE', 'POSITIVE')",
+            "--config.learning_rate=3e-3",
+        )  # fmt: skip
+
+    return made_once("classifier", train)
 
 
 # Candidates for the sentences whose greedy translation by the shared tiny run ends in eos:
