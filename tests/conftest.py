@@ -25,9 +25,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # nothing, and LLVM's optimisation was about a third of each compile (the 8-device test's
 # train step: 23 s -> 15 s a mesh on an AVX2 VM). XLA's own passes, and so every program's
 # HLO and semantics, are unchanged; only the machine code is less tuned.
+
+
+def env_with_xla_flag(flag: str) -> dict[str, str]:
+    """os.environ with `flag` appended to XLA_FLAGS (the last one named wins), so the suite's
+    own flags, and e.g. --xla_cpu_max_isa=AVX2 from whoever runs it, stay."""
+    return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+
+
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
-    os.environ["XLA_FLAGS"] = flags.strip()
+    os.environ.update(env_with_xla_flag("--xla_backend_optimization_level=0"))
 # One persistent compilation cache for the session, made by the process pytest starts: its
 # pytest-xdist workers and every subprocess they start inherit the environment. The suite's
 # many short training and CLI runs compile the same tiny steps again and again.
@@ -149,12 +156,10 @@ def multi_device_run() -> subprocess.Popen:
     under e.g. --xla_cpu_max_isa=AVX2 keeps that flag); started at collection if selected."""
     if MULTI_DEVICE_TEST in _STARTED:
         return _STARTED.pop(MULTI_DEVICE_TEST)
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip())
     script = ROOT / "tests" / "multi_device_steps.py"
     return subprocess.Popen(
         [sys.executable, str(script)],
-        env=env,
+        env=env_with_xla_flag("--xla_force_host_platform_device_count=8"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

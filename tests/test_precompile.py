@@ -1,14 +1,13 @@
 """Ahead-of-time compiles for device topologies: memory accounts, errors, TPU targets."""
 
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, env_with_xla_flag
 
 from configs import default
 from tfjax import precompile
@@ -165,8 +164,7 @@ print(json.dumps(out))
 
 def test_fsdp_over_eight_devices_holds_an_eighth_of_the_state():
     """Data parallel keeps the whole state on each device; fsdp about an eighth of it."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip())
+    env = env_with_xla_flag("--xla_force_host_platform_device_count=8")
     out = subprocess.run(
         [sys.executable, "-c", FSDP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True
     )

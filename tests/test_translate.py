@@ -10,7 +10,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from conftest import STEPS, corrupt_latest, ending_in_eos
+from conftest import STEPS, corrupt_latest, ending_in_eos, env_with_xla_flag
 
 from tfjax import checkpoint, cli, generate
 from tfjax.translator import Translator
@@ -201,10 +201,9 @@ def test_rows_split_over_devices_translate_as_on_one(translator, uninterrupted):
     # Batches of 4 and of 3 rows (bucketed to 4): blocks of 2 rows over the 2 devices.
     sentences = ["ein mann", "zwei kinder lesen", "eine frau fährt fahrrad", "ein buch"] * 2
     sentences = sentences[:7]
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
     run = subprocess.run(
         [sys.executable, "-c", _SPLIT_SCRIPT, str(uninterrupted), json.dumps(sentences)],
-        env=dict(os.environ, XLA_FLAGS=flags.strip()),
+        env=env_with_xla_flag("--xla_force_host_platform_device_count=2"),
         capture_output=True,
         text=True,
     )
