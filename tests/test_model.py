@@ -331,9 +331,10 @@ def test_bf16_compute_stays_close_to_fp32(tiny):
     [((3, 5, 8), (8, 2, 4), 1), ((3, 5, 2, 4), (2, 4, 8), 2), ((7, 8), (8, 6), 1)],
     ids=["D->HK", "HK->D", "2d"],
 )
-def test_bf16_products_and_their_gradients_match_float64(x_shape, k_shape, n_in):
+def test_products_and_their_gradients_match_float64(x_shape, k_shape, n_in):
     """Value and both gradients of the bf16 product against float64 NumPy on the same
-    bf16-rounded numbers: each result is the exact product rounded once to bf16."""
+    bf16-rounded numbers: each result is the exact product rounded once to bf16; float32's
+    within float32 rounding of the same."""
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
     k = jnp.asarray(rng.normal(size=k_shape), jnp.bfloat16)
@@ -351,9 +352,13 @@ def test_bf16_products_and_their_gradients_match_float64(x_shape, k_shape, n_in)
         # One rounding of an f32 sum: at most one bf16 step (2^-7 relative) from the exact
         # value's own rounding; a bf16 accumulation over 8+ terms drifts further.
         np.testing.assert_allclose(np.asarray(got, np.float64), rounded, rtol=2**-7, atol=1e-6)
-    # float32 is the plain product.
+    # float32 goes through the same written-out gradient, with float32 results.
     x32, k32 = x.astype(jnp.float32), k.astype(jnp.float32)
-    np.testing.assert_allclose(product(x32, k32, n_in), y_ref, rtol=1e-5, atol=1e-5)
+    y, pull = jax.vjp(lambda a, b: product(a, b, n_in), x32, k32)
+    dx, dk = pull(jnp.asarray(w64, jnp.float32))
+    for got, ref in ((y, y_ref), (dx, dx_ref), (dk, dk_ref)):
+        assert got.dtype == jnp.float32 and got.shape == ref.shape
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_is_active_only_when_not_deterministic():

@@ -80,31 +80,28 @@ class Dense(nn.Module):
         return y if bias is None else y + bias
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def product(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     """x [..., *in] contracted with kernel [*in, *F] over the n_in `in` axes: [..., *F], in
-    x's dtype.
+    x's dtype, with a written-out gradient.
 
     Below float32 the products accumulate in float32 and round once, forward and backward:
     XLA:CPU runs a bf16 x bf16 -> f32 matmul at about twice its fp32 rate on CPUs with
     AVX512-BF16, and a bf16-output one no faster than fp32 (accelerators accumulate in f32
-    either way).
+    either way). In float32 the written-out backward pays too: autodiff's transpose of the
+    tensordot made XLA:CPU copy the kernel's cotangent transposed ([N, F] -> [F, N]) and run
+    the weight-gradient product on Eigen; contracting x's and g's leading axes as they lie keeps
+    it one YNNPACK product (benchmarks/RESULTS.md: W-base train step 3-5% faster on AVX2).
     """
-    if x.dtype == jnp.float32:
-        return jnp.tensordot(x, kernel, axes=n_in)
-    return _accumulated(x, kernel, n_in)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _accumulated(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     y = jnp.tensordot(x, kernel, axes=n_in, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 
 
-def _accumulated_fwd(x: jax.Array, kernel: jax.Array, n_in: int):
-    return _accumulated(x, kernel, n_in), (x, kernel)
+def _product_fwd(x: jax.Array, kernel: jax.Array, n_in: int):
+    return product(x, kernel, n_in), (x, kernel)
 
 
-def _accumulated_bwd(n_in: int, residuals, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _product_bwd(n_in: int, residuals, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Autodiff's transpose would give bf16-output products; these accumulate in f32 too.
     x, kernel = residuals  # [..., *in], [*in, *F]; g [..., *F]
     batch, features = x.ndim - n_in, kernel.ndim - n_in
@@ -119,7 +116,7 @@ def _accumulated_bwd(n_in: int, residuals, g: jax.Array) -> tuple[jax.Array, jax
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
-_accumulated.defvjp(_accumulated_fwd, _accumulated_bwd)
+product.defvjp(_product_fwd, _product_bwd)
 
 
 # Rows N from which `fused_dense` stacks its kernels (see there).
