@@ -88,10 +88,11 @@ def product(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     Below float32 the products accumulate in float32 and round once, forward and backward:
     XLA:CPU runs a bf16 x bf16 -> f32 matmul at about twice its fp32 rate on CPUs with
     AVX512-BF16, and a bf16-output one no faster than fp32 (accelerators accumulate in f32
-    either way). In float32 the written-out backward pays too: autodiff's transpose of the
-    tensordot made XLA:CPU copy the kernel's cotangent transposed ([N, F] -> [F, N]) and run
-    the weight-gradient product on Eigen; contracting x's and g's leading axes as they lie keeps
-    it one YNNPACK product (benchmarks/RESULTS.md: W-base train step 3-5% faster on AVX2).
+    either way). In float32 the written-out backward pays too: for autodiff's transpose of the
+    tensordot XLA:CPU copied the output's cotangent transposed ([N, F] -> [F, N]) and ran the
+    weight-gradient product on Eigen; contracting x's and g's leading axes keeps it one YNNPACK
+    product (README "Benchmarks": W-base train step 3-5% faster on AVX2). Being a custom_vjp,
+    it has no forward-mode derivative (jax.jvp) in any dtype.
     """
     y = jnp.tensordot(x, kernel, axes=n_in, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
