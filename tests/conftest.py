@@ -21,10 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # The suite runs on CPU devices; with libtpu installed (the "tpu" extra) JAX would otherwise
 # probe for a TPU in this process and every subprocess. TPU compiles use topology descriptions.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# LLVM at -O0 behind XLA:CPU: the suite compiles hundreds of tiny programs whose run time is
-# nothing, and LLVM's optimisation was about a third of each compile (the 8-device test's
-# train step: 23 s -> 15 s a mesh on an AVX2 VM). XLA's own passes, and so every program's
-# HLO and semantics, are unchanged; only the machine code is less tuned.
 
 
 def env_with_xla_flag(flag: str) -> dict[str, str]:
@@ -33,8 +29,12 @@ def env_with_xla_flag(flag: str) -> dict[str, str]:
     return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
 
 
+# LLVM at -O0 behind XLA:CPU: the suite compiles hundreds of tiny programs whose run time is
+# nothing, and LLVM's optimisation was about a third of each compile (the 8-device test's
+# train step: 23 s -> 15 s a mesh on an AVX2 VM). XLA's own passes, and so every program's
+# HLO and semantics, are unchanged; only the machine code is less tuned.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ.update(env_with_xla_flag("--xla_backend_optimization_level=0"))
+    os.environ["XLA_FLAGS"] = env_with_xla_flag("--xla_backend_optimization_level=0")["XLA_FLAGS"]
 # One persistent compilation cache for the session, made by the process pytest starts: its
 # pytest-xdist workers and every subprocess they start inherit the environment. The suite's
 # many short training and CLI runs compile the same tiny steps again and again.
