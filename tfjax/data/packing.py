@@ -187,7 +187,9 @@ class _Rows:
         return out
 
 
-def _scatter(rows: int, length: int, at: tuple[np.ndarray, np.ndarray], values: np.ndarray):
+def _scatter(
+    rows: int, length: int, at: tuple[np.ndarray, np.ndarray], values: np.ndarray
+) -> np.ndarray:
     """[rows, length] int32 zeros with values [tokens] written at (row, column) `at`."""
     array = np.zeros((rows, length), np.int32)
     array[at] = values
