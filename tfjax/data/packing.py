@@ -3,7 +3,7 @@
 The stage after reading: its parent yields chunks (lists) of examples, each a dict of
 variable-length int32 ids per side (eos included; see `pipeline`) and, for classification, a
 scalar "label". Every batch holds `rows` rows; the arrays it makes are those of
-`pipeline.train_batch_shapes`, with decoder_inputs written as each target is placed (bos,
+`pipeline.train_batch_shapes`, with decoder_inputs written beside each placed target (bos,
 then the target shifted right, inside its own segment).
 
 Packing is first fit, as grain's FirstFitPackIterDataset without bin shuffling: each example
