@@ -12,7 +12,18 @@ from flax import linen as nn
 from tfjax import beam_search
 from tfjax.model import Transformer, TransformerConfig, preset
 from tfjax.model.attention import Attention
-from tfjax.model.layers import AXES, EMBED, HEADS, KV, LENGTH, MLP, VOCAB, product, sinusoids
+from tfjax.model.layers import (
+    AXES,
+    EMBED,
+    HEADS,
+    KV,
+    LENGTH,
+    MLP,
+    VOCAB,
+    add_bias,
+    product,
+    sinusoids,
+)
 from tfjax.model.transformer import LOGITS_TABLE, LOGITS_TABLE_ROWS, tied_logits, with_logits_table
 from tfjax.sharding import DEFAULT_RULES
 
@@ -359,6 +370,29 @@ def test_products_and_their_gradients_match_float64(x_shape, k_shape, n_in):
     for got, ref in ((y, y_ref), (dx, dx_ref), (dk, dk_ref)):
         assert got.dtype == jnp.float32 and got.shape == ref.shape
         np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_add_bias_gradient_sums_rows_in_float32(dtype):
+    """The bias's gradient is the cotangent summed over every leading axis, accumulated in
+    float32 and rounded once: against float64 NumPy on the same rounded numbers. The value is
+    the plain sum and y's gradient the cotangent itself."""
+    rng = np.random.default_rng(12)
+    y = jnp.asarray(rng.normal(size=(6, 40, 2, 4)), dtype)  # [B, T, H, K], a fused-QKV shape
+    bias = jnp.asarray(rng.normal(size=(2, 4)), dtype)  # [H, K]
+    g = jnp.asarray(rng.normal(size=y.shape), dtype)
+    out, pull = jax.vjp(add_bias, y, bias)
+    dy, dbias = pull(g)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(y + bias))
+    np.testing.assert_array_equal(np.asarray(dy), np.asarray(g))
+    ref = np.asarray(g, np.float64).sum(axis=(0, 1))
+    assert dbias.dtype == dtype and dbias.shape == (2, 4)
+    rounded = np.asarray(jnp.asarray(ref, dtype), np.float64)
+    # 240 terms: a bf16 running sum drifts by several bf16 steps; f32 then one rounding does not.
+    step = 2**-7 if dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(np.asarray(dbias, np.float64), rounded, rtol=step, atol=1e-5)
+    with pytest.raises(ValueError, match="one dtype"):
+        add_bias(y.astype(jnp.float32), bias.astype(jnp.bfloat16))
 
 
 def test_dropout_is_active_only_when_not_deterministic():
